@@ -1,0 +1,204 @@
+"""The typed configuration tree, its YAML loading, dotted overrides and the shared command line.
+
+Every section is a pydantic model with ``extra="forbid"``; unknown keys are reported with the
+nearest valid name before pydantic ever sees them, so a typo is an error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.config_annotate import AnnotateConfig, ModelsConfig
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key the user must fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    hr_size: int = Field(512, ge=16, description="side of the square HR crop")
+    scale: int = Field(4, ge=1, le=16, description="HR side / LR side")
+    crops_per_image: int = Field(1, ge=1, description="random crops cut from each source image")
+    shard_size: int = Field(64, ge=1, description="samples per shard")
+    seed: int = Field(0, description="base seed; each sample's RNG is derived from (seed, key)")
+    min_size: int | None = Field(None, ge=1, description="reject images whose short side is below this (default: hr_size)")
+    max_pixels: int = Field(89_478_485, ge=1, description="reject images with more pixels, before decoding")
+    max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="reject files larger than this")
+    extensions: list[str] = Field(default_factory=lambda: list(IMAGE_EXTENSIONS))
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.hr_size % self.scale:
+            raise ValueError(f"data.hr_size={self.hr_size} must be divisible by data.scale={self.scale}")
+        return self
+
+    @property
+    def lr_size(self) -> int:
+        return self.hr_size // self.scale
+
+    @property
+    def effective_min_size(self) -> int:
+        return self.min_size if self.min_size is not None else self.hr_size
+
+
+class DegradationConfig(Section):
+    preset: Literal["xpsr", "realesrgan"] = "xpsr"
+
+
+class PrepareConfig(Section):
+    phases: list[Literal["shard", "annotate"]] = Field(default_factory=lambda: ["shard", "annotate"])
+    read_num_cpus: float = Field(0.5, gt=0, description="CPUs per read/degrade task (fractional on small machines)")
+    shard_parallelism: int | None = Field(None, ge=1, description="shards built at once (default: cluster CPUs)")
+    progress: bool = True
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS or a new local cluster")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a new local cluster (default: all)")
+
+
+class StorageConfig(Section):
+    endpoint_url: str | None = Field(None, description="S3 endpoint; default AWS_ENDPOINT_URL")
+    region: str | None = None
+
+
+class Config(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    degradation: DegradationConfig = Field(default_factory=DegradationConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    input: str | None = Field(None, description="input URI (local folder or s3://bucket/prefix)")
+    output: str | None = Field(None, description="output URI")
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+
+
+def _check_keys(raw: Any, model: type[BaseModel], path: str = "") -> None:
+    """Raise ConfigError for the first unknown key, naming the nearest valid one."""
+    if not isinstance(raw, dict):
+        return
+    fields = model.model_fields
+    for key, value in raw.items():
+        dotted = f"{path}{key}"
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{path}{near[0]}'?" if near else f"; valid keys: {', '.join(sorted(fields))}"
+            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+        annotation = fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            _check_keys(value, annotation, dotted + ".")
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``dotted.key=value``; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects dotted.key=value, got {text!r}")
+    key, _, value = text.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects dotted.key=value, got {text!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key, parsed
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), **top: Any) -> Config:
+    """Load YAML (default: configs/tiny.yaml), apply ``--set`` overrides and top-level values, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(raw).__name__}")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    for key, value in top.items():
+        if value is not None:
+            raw[key] = value
+    return validate_config(raw)
+
+
+def validate_config(raw: dict) -> Config:
+    """Validate a raw mapping into a Config, with errors that name the dotted key."""
+    _check_keys(raw, Config)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "config"
+            lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _key_lines(model: type[BaseModel], prefix: str = "") -> list[str]:
+    lines = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines += _key_lines(ann, f"{prefix}{name}.")
+        elif prefix:
+            default = field.get_default(call_default_factory=True)
+            desc = f"  {field.description}" if field.description else ""
+            lines.append(f"  {prefix}{name} = {default!r}{desc}")
+    return lines
+
+
+def build_parser(prog: str, description: str, sections: Sequence[str]) -> argparse.ArgumentParser:
+    """The command line every entry point shares; --help lists the keys of ``sections``."""
+    keys = []
+    for name in sections:
+        keys += _key_lines(Config.model_fields[name].annotation, f"{name}.")
+    epilog = "commonly used keys (--set KEY=VALUE), with defaults:\n" + "\n".join(keys)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name})")
+    parser.add_argument("--input", default=None, help="input URI: local folder or s3://bucket/prefix")
+    parser.add_argument("--output", default=None, help="output URI: local folder or s3://bucket/prefix")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set data.hr_size=256 (repeatable)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides, input=args.input, output=args.output)

@@ -1,0 +1,185 @@
+"""Local and S3 storage behind one small interface, with atomic writes.
+
+URIs are local paths or ``s3://bucket/prefix``. S3 goes through boto3 with the standard credential
+chain; the endpoint comes from config or ``AWS_ENDPOINT_URL``. Credentials are never read, stored or
+logged here: boto3 resolves them itself, and stores pickle without a client (Ray ships them to workers).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+
+
+class StorageError(OSError):
+    """A storage operation that failed for a reason the user can act on."""
+
+
+class Store(Protocol):
+    uri: str
+
+    def list(self, suffixes: tuple[str, ...] | None = None) -> list[str]: ...
+    def read(self, rel: str) -> bytes: ...
+    def write(self, rel: str, data: bytes) -> None: ...
+    def exists(self, rel: str) -> bool: ...
+    def size(self, rel: str) -> int: ...
+    def child(self, rel: str) -> Store: ...
+    def url(self, rel: str) -> str: ...
+
+
+def _clean_rel(rel: str) -> str:
+    """Reject relative paths that could escape the store root."""
+    parts = PurePosixPath(rel).parts
+    if not parts or rel.startswith("/") or any(p in ("..", "") for p in parts):
+        raise StorageError(f"refusing path {rel!r}: it must be relative and stay inside the store")
+    return "/".join(parts)
+
+
+def _matches(name: str, suffixes: tuple[str, ...] | None) -> bool:
+    return suffixes is None or name.lower().endswith(suffixes)
+
+
+class LocalStore:
+    """A folder on local (or shared network) disk."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+
+    def list(self, suffixes: tuple[str, ...] | None = None) -> list[str]:
+        if not self.root.exists():
+            return []
+        if self.root.is_file():
+            return [""] if _matches(self.root.name, suffixes) else []
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+            dirnames.sort()
+            for name in filenames:
+                if _matches(name, suffixes):
+                    out.append(Path(dirpath, name).relative_to(self.root).as_posix())
+        return sorted(out)
+
+    def _path(self, rel: str) -> Path:
+        return self.root if rel == "" else self.root / _clean_rel(rel)
+
+    def read(self, rel: str) -> bytes:
+        return self._path(rel).read_bytes()
+
+    def write(self, rel: str, data: bytes) -> None:
+        path = self._path(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def exists(self, rel: str) -> bool:
+        return self._path(rel).exists()
+
+    def size(self, rel: str) -> int:
+        return self._path(rel).stat().st_size
+
+    def child(self, rel: str) -> LocalStore:
+        return LocalStore(self._path(rel))
+
+    def url(self, rel: str) -> str:
+        return str(self._path(rel))
+
+
+class S3Store:
+    """A prefix in an S3 (or S3-compatible) bucket; each write is a single PUT, hence atomic."""
+
+    def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None):
+        rest = uri[len("s3://"):]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket or "@" in bucket:
+            raise StorageError(f"bad S3 URI {uri!r}: expected s3://bucket/prefix (credentials never go in URIs)")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        self.region = region
+        self._client: Any = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_client"] = None
+        return state
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import boto3
+
+            self._client = boto3.session.Session().client(
+                "s3", endpoint_url=self.endpoint_url, region_name=self.region
+            )
+        return self._client
+
+    def _key(self, rel: str) -> str:
+        if rel == "":
+            return self.prefix
+        rel = _clean_rel(rel)
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def list(self, suffixes: tuple[str, ...] | None = None) -> list[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        base = f"{self.prefix}/" if self.prefix else ""
+        out = []
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=base):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(base):]
+                if rel and not rel.endswith("/") and _matches(rel, suffixes):
+                    out.append(rel)
+        return sorted(out)
+
+    def read(self, rel: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            raise FileNotFoundError(f"{self.url(rel)} does not exist") from None
+
+    def write(self, rel: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
+
+    def _head(self, rel: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def exists(self, rel: str) -> bool:
+        return self._head(rel) is not None
+
+    def size(self, rel: str) -> int:
+        head = self._head(rel)
+        if head is None:
+            raise FileNotFoundError(f"{self.url(rel)} does not exist")
+        return int(head["ContentLength"])
+
+    def child(self, rel: str) -> S3Store:
+        return S3Store(f"s3://{self.bucket}/{self._key(rel)}", self.endpoint_url, self.region)
+
+    def url(self, rel: str) -> str:
+        return f"s3://{self.bucket}/{self._key(rel)}"
+
+
+def open_store(uri: str, endpoint_url: str | None = None, region: str | None = None) -> Store:
+    """Open a local path or ``s3://`` URI as a Store."""
+    if uri.startswith("s3://"):
+        return S3Store(uri, endpoint_url, region)
+    if "://" in uri:
+        raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/prefix")
+    return LocalStore(uri)

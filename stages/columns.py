@@ -1,0 +1,30 @@
+"""Helpers for the column batches (``dict[str, np.ndarray]``) that every stage takes and returns."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def object_array(items: Sequence[Any]) -> np.ndarray:
+    """A 1-D object array, even when the items are equal-shaped arrays numpy would stack."""
+    arr = np.empty(len(items), dtype=object)
+    for i, item in enumerate(items):
+        arr[i] = item
+    return arr
+
+
+def as_list(column: Any) -> list[Any]:
+    """Rows of a column, whether a stacked N-D array, an object array or a list."""
+    if isinstance(column, np.ndarray) and column.dtype != object:
+        return [column[i] for i in range(column.shape[0])]
+    return list(column)
+
+
+def stack_or_objects(items: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack equal-shaped arrays into one tensor column; fall back to an object column."""
+    if items and all(isinstance(x, np.ndarray) and x.shape == items[0].shape for x in items):
+        return np.stack(items)
+    return object_array(items)

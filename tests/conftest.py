@@ -1,0 +1,139 @@
+"""Shared fixtures: a real local Ray cluster, a real moto S3 server on 127.0.0.1, sample photos.
+
+S3 settings go into the environment at import time, before Ray starts, so Ray's workers inherit the
+endpoint and the fake credentials of the moto server.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+MOTO_PORT = _free_port()
+os.environ.update(
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing-secret-never-logged",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_ENDPOINT_URL=f"http://127.0.0.1:{MOTO_PORT}",
+    RAY_AUTH_MODE="disabled",
+    RAY_DEDUP_LOGS="0",
+    DS_ACCELERATOR="cpu",
+    HF_HUB_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session (4 logical CPUs on 2 cores so pools never starve)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1; yields a boto3 client."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=MOTO_PORT, verbose=False)
+    server.start()
+    yield boto3.client("s3")
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    s3_server.create_bucket(Bucket=name)
+    return name
+
+
+def skimage_photo(name: str) -> np.ndarray:
+    import skimage.data
+    import skimage.io
+
+    return skimage.io.imread(os.path.join(skimage.data.data_dir, name))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` but holds almost no data (a bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def write_good_photos(folder: Path) -> list[str]:
+    """Real photos in the colour modes cameras and editors write; returns their relative paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    astro = Image.fromarray(skimage_photo("astronaut.png"))
+    coffee = Image.fromarray(skimage_photo("coffee.png"))
+    (folder / "nested" / "deeper").mkdir(parents=True, exist_ok=True)
+    astro.save(folder / "astronaut.jpg", quality=92)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise on display
+    coffee.save(folder / "nested" / "coffee_rotated.jpg", exif=exif, quality=90)
+    Image.fromarray(skimage_photo("camera.png")).save(folder / "nested" / "camera_gray.png")
+    Image.fromarray(skimage_photo("logo.png")).save(folder / "logo_rgba.png")
+    coffee.convert("P").save(folder / "nested" / "deeper" / "coffee_palette.bmp")
+    astro.convert("CMYK").save(folder / "astronaut_cmyk.tif")
+    astro.convert("LA").save(folder / "astronaut_la.png")
+    gray16 = (skimage_photo("camera.png").astype(np.uint16) * 257)
+    Image.fromarray(gray16).save(folder / "camera_16bit.png")
+    frames = [astro, astro.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    frames[0].save(folder / "astronaut_animated.webp", save_all=True, append_images=frames[1:], lossless=True)
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def write_bad_files(folder: Path) -> dict[str, str]:
+    """One file of each bad kind; returns relative path -> expected reject reason."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "empty.png").write_bytes(b"")
+    buf = io.BytesIO()
+    Image.fromarray(skimage_photo("chelsea.png")).save(buf, format="JPEG", quality=90)
+    (folder / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    (folder / "notes.png").write_bytes(b"these are shopping notes, not a picture\n" * 20)
+    Image.fromarray(skimage_photo("microaneurysms.png")).save(folder / "small.png")
+    (folder / "bomb.png").write_bytes(_png_header_only(30000, 30000))
+    os.symlink(folder / "does-not-exist.jpg", folder / "dangling.jpg")
+    return {
+        "empty.png": "empty file",
+        "truncated.jpg": "truncated or corrupt data",
+        "notes.png": "not an image",
+        "small.png": "too small",
+        "bomb.png": "too many pixels",
+        "dangling.jpg": "unreadable path",
+    }
+
+
+@pytest.fixture
+def photo_dir(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    write_good_photos(folder)
+    return folder
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
