@@ -63,12 +63,13 @@ def encode_json(obj: Any) -> bytes:
 
 def decode_member(ext: str, data: bytes) -> Any:
     """Decode a member by extension; only png, json and npy are ever decoded (never pickle)."""
-    if ext.endswith(".png"):
+    kind = ext.rsplit(".", 1)[-1]
+    if kind == "png":
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB"))
-    if ext.endswith(".json"):
+    if kind == "json":
         return json.loads(data)
-    if ext.endswith(".npy"):
+    if kind == "npy":
         return np.load(io.BytesIO(data), allow_pickle=False)
     raise ShardFormatError(f"refusing to decode member type {ext!r}: only {DECODABLE} are decoded")
 

@@ -20,7 +20,7 @@ from tests.conftest import write_bad_files, write_good_photos
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARD_ONLY = ["--set", "prepare.phases=[shard]", "--set", "data.shard_size=4", "--set", "prepare.progress=false",
-              "--set", "data.hr_size=64", "--set", "data.min_size=64"]
+              "--set", "data.hr_size=64"]
 
 
 def _shards(folder: Path) -> dict[str, bytes]:
