@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,3 +29,9 @@ def stack_or_objects(items: Sequence[np.ndarray]) -> np.ndarray:
     if items and all(isinstance(x, np.ndarray) and x.shape == items[0].shape for x in items):
         return np.stack(items)
     return object_array(items)
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from ``parts``; unlike ``hash()`` it is the same in every process and run."""
+    digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

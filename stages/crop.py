@@ -6,19 +6,12 @@ cuts the same crops. Rejected rows pass through as one error row that keeps the 
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
 
 from pipeline.shards import make_key
-from stages.columns import as_list, object_array, stack_or_objects
-
-
-def sample_seed(base_seed: int, name: str) -> int:
-    """A stable 63-bit seed from (base seed, name); unlike ``hash()`` it is the same in every process."""
-    digest = hashlib.blake2b(f"{base_seed}:{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+from stages.columns import as_list, object_array, stable_seed, stack_or_objects
 
 
 def crop_boxes(height: int, width: int, size: int, count: int, seed: int) -> list[tuple[int, int, int, int]]:
@@ -53,7 +46,7 @@ class RandomCrop:
                 status.append("error")
                 errors.append(str(err))
                 continue
-            seed = sample_seed(self.seed, f"crop:{source}")
+            seed = stable_seed("crop", self.seed, source)
             for i, (x, y, w, h) in enumerate(crop_boxes(*image.shape[:2], self.hr_size, self.crops, seed)):
                 keys.append(make_key(source, i))
                 sources.append(source)

@@ -1,0 +1,105 @@
+"""Degradations per second per core: 512 -> 128 (scale 4) on real photo crops, both presets.
+
+One process, one thread (``cv2.setNumThreads(1)``, single-threaded BLAS), parameters and noise
+seeded per sample exactly as the Degrade stage does. Prints mean / p50 / p95 wall ms per sample
+and samples/s/core per preset, from wall time and from process CPU time (goal on the 2-core dev
+machine: >= 40 samples/s/core for xpsr).
+``--profile`` adds the functions that take the most time.
+"""
+
+from __future__ import annotations
+
+import os
+
+# one core means one thread everywhere, before numpy loads its BLAS
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import cProfile  # noqa: E402
+import pstats  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from stages.degrade import sample_seed, synthesize  # noqa: E402
+from stages.degrade_params import PRESETS  # noqa: E402
+
+PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
+          "hubble_deep_field.jpg", "retina.jpg", "ihc.png")
+
+
+def photo_crops(count: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    """``count`` random ``size`` crops from scikit-image's real photos (small ones enlarged first)."""
+    import skimage.data
+    import skimage.io
+
+    rng = np.random.default_rng(seed)
+    photos = []
+    for name in PHOTOS:  # the files bundled with scikit-image (no download)
+        img = np.ascontiguousarray(skimage.io.imread(os.path.join(skimage.data.data_dir, name))[..., :3])
+        short = min(img.shape[:2])
+        if short < size:
+            f = size / short
+            img = cv2.resize(img, (round(img.shape[1] * f) + 1, round(img.shape[0] * f) + 1), interpolation=cv2.INTER_CUBIC)
+        photos.append(img)
+    out = []
+    for i in range(count):
+        img = photos[i % len(photos)]
+        y = int(rng.integers(0, img.shape[0] - size + 1))
+        x = int(rng.integers(0, img.shape[1] - size + 1))
+        out.append(np.ascontiguousarray(img[y : y + size, x : x + size]))
+    return out
+
+
+def run(preset: str, crops: list[np.ndarray], scale: int, warmup: int = 10) -> tuple[np.ndarray, float]:
+    """Wall seconds per sample for each crop, and the process CPU seconds of them all."""
+    for i in range(warmup):
+        synthesize(crops[i % len(crops)], preset, sample_seed(1, f"warmup{i}"), scale)
+    times = np.empty(len(crops))
+    cpu_start = time.process_time()
+    for i, hr in enumerate(crops):
+        start = time.perf_counter()
+        synthesize(hr, preset, sample_seed(0, f"bench_{i:05d}"), scale)
+        times[i] = time.perf_counter() - start
+    return times, time.process_time() - cpu_start
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=400, help="degradations per preset")
+    parser.add_argument("--hr-size", type=int, default=512)
+    parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument("--presets", nargs="+", default=["xpsr", "realesrgan"], choices=sorted(PRESETS))
+    parser.add_argument("--profile", action="store_true", help="print the top functions by own time")
+    args = parser.parse_args(argv)
+
+    cv2.setNumThreads(1)
+    crops = photo_crops(args.samples, args.hr_size)
+    lr = args.hr_size // args.scale
+    print(f"degrade {args.hr_size} -> {lr} (scale {args.scale}), {args.samples} real photo crops per preset, "
+          f"1 process, cv2 threads={cv2.getNumThreads()}, opencv {cv2.__version__}, numpy {np.__version__}")
+    # wall time is what a pipeline sees; CPU time is steadier when other jobs share the cores
+    print(f"{'preset':<12}{'mean ms':>9}{'p50 ms':>9}{'p95 ms':>9}{'samples/s/core':>16}{'cpu ms':>9}"
+          f"{'samples/s/core (cpu)':>22}")
+    for preset in args.presets:
+        times, cpu = run(preset, crops, args.scale)
+        mean, cpu_mean = times.mean(), cpu / len(times)
+        print(f"{preset:<12}{mean * 1e3:>9.2f}{np.percentile(times, 50) * 1e3:>9.2f}"
+              f"{np.percentile(times, 95) * 1e3:>9.2f}{1.0 / mean:>16.1f}{cpu_mean * 1e3:>9.2f}{1.0 / cpu_mean:>22.1f}")
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for preset in args.presets:
+            run(preset, crops[:100], args.scale, warmup=0)
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+
+
+if __name__ == "__main__":
+    main()
