@@ -62,7 +62,7 @@ def run_one(cpus: int, corpus: str, out: str, preset: str, crops: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--copies", type=int, default=6, help="copies of each of the 7 photos")
+    parser.add_argument("--copies", type=int, default=12, help="copies of each of the 7 photos")
     parser.add_argument("--crops", type=int, default=2, help="data.crops_per_image")
     parser.add_argument("--preset", default="xpsr")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)

@@ -61,7 +61,7 @@ class DegradationConfig(Section):
 class PrepareConfig(Section):
     phases: list[Literal["shard", "annotate"]] = Field(default_factory=lambda: ["shard", "annotate"])
     read_num_cpus: float = Field(0.5, gt=0, description="CPUs per read/degrade task (fractional on small machines)")
-    shard_parallelism: int | None = Field(None, ge=1, description="shards built at once (default: cluster CPUs)")
+    shard_parallelism: int | None = Field(None, ge=1, description="shard builders at once (default: cluster CPUs / read_num_cpus)")
     progress: bool = True
 
 

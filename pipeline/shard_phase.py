@@ -111,7 +111,11 @@ def run_shard_phase(cfg: Config, plan: list[list[str]], pending: list[int]) -> l
     if not pending:
         return []
     items = [{"shard": i, "files": json.dumps(plan[i])} for i in pending]
-    parallelism = cfg.prepare.shard_parallelism or max(1, math.floor(ray.cluster_resources().get("CPU", 1)))
+    # a fixed-size pool that fills the cluster: an autoscaling pool starts at one actor and the
+    # short shard tasks finish before it grows
+    cpus = ray.cluster_resources().get("CPU", 1)
+    actors = cfg.prepare.shard_parallelism or max(1, math.floor(cpus / cfg.prepare.read_num_cpus))
+    actors = min(actors, len(items))
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         ShardBuilder,
@@ -119,6 +123,6 @@ def run_shard_phase(cfg: Config, plan: list[list[str]], pending: list[int]) -> l
         batch_size=1,
         batch_format="numpy",
         num_cpus=cfg.prepare.read_num_cpus,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(parallelism * 2, len(items))),
+        compute=ray.data.ActorPoolStrategy(size=actors),
     )
     return [json.loads(row["result"]) for row in ds.iter_rows()]

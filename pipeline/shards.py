@@ -46,8 +46,9 @@ def make_key(source: str, crop_index: int) -> str:
 
 def encode_png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    # compress_level fixed so bytes do not depend on Pillow defaults changing between runs
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", compress_level=6)
+    # level fixed so bytes never depend on Pillow's default; 1 encodes 3x faster than 6 for ~10% more
+    # bytes, and PNG encoding was most of the shard phase's time
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
