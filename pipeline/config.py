@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.config_annotate import AnnotateConfig, ModelsConfig
+from pipeline.config_evaluate import EvaluateConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -83,6 +84,7 @@ class Config(Section):
     annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     input: str | None = Field(None, description="input URI (local folder or s3://bucket/prefix)")
     output: str | None = Field(None, description="output URI")
 
