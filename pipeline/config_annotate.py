@@ -1,11 +1,17 @@
 """Config sections for the models (profiles) and the annotation stages of prepare.
 
-Owned by the annotation work (issue 4); `pipeline.config` composes them into the one tree.
+`pipeline.config` composes them into the one tree as ``models`` and ``annotate``.
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
+
+HIGH_PROMPT = "Please provide a descriptive summary of the content of this image"
+LOW_PROMPT = (
+    "Please describe the quality of this image and evaluate it based on factors such as clarity, color, "
+    "noise, and lighting"
+)
 
 
 class _Section(BaseModel):
@@ -13,8 +19,15 @@ class _Section(BaseModel):
 
 
 class ModelsConfig(_Section):
-    profile: str = Field("tiny", description="tiny (random-init, built into cache_dir) or a named real profile")
-    cache_dir: str = Field(".cache/models", description="where tiny models are built once and loaded by path")
+    profile: str = Field("tiny", description="tiny: random-init models built once into cache_dir; else real ids")
+    cache_dir: str = Field(".cache/models", description="where the tiny profile's models are built")
+    llava: str = Field("llava-hf/llava-1.5-7b-hf", description="LLaVA (hub id or local path)")
+    grounding_dino: str = Field("IDEA-Research/grounding-dino-base", description="Grounding DINO")
+    clip_vision: str = Field("openai/clip-vit-large-patch14", description="CLIP image encoder")
+    dinov2: str = Field("facebook/dinov2-base", description="DINOv2")
+    sd: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", description="SD base: vae, text_encoder, unet")
+    dtype: str = Field("float32", description="float32 | bfloat16 | float16")
+    device: str = Field("cpu", description="cpu | cuda | cuda:N")
 
 
 class StagePoolConfig(_Section):
@@ -25,8 +38,25 @@ class StagePoolConfig(_Section):
     batch_size: int = Field(4, ge=1)
 
 
+class CaptionsConfig(StagePoolConfig):
+    backend: str = Field("transformers", description="transformers | llava_torch")
+    high_prompt: str = HIGH_PROMPT
+    low_prompt: str = LOW_PROMPT
+    max_new_tokens: int = Field(64, ge=1)
+    on: str = Field("lr", description="caption the lr (XPSR) or hr image")
+    max_objects: int = Field(8, ge=0)
+
+
+class GroundingConfig(StagePoolConfig):
+    box_threshold: float = Field(0.35, ge=0, le=1)
+    text_threshold: float = Field(0.25, ge=0, le=1)
+    nms_iou: float = Field(0.5, ge=0, le=1)
+    max_boxes: int = Field(8, ge=1)
+
+
 class AnnotateConfig(_Section):
-    captions: StagePoolConfig = Field(default_factory=StagePoolConfig)
-    grounding: StagePoolConfig = Field(default_factory=StagePoolConfig)
+    shards_per_wave: int = Field(4, ge=1, description="shards annotated per Ray Data execution (resume unit)")
+    captions: CaptionsConfig = Field(default_factory=CaptionsConfig)
+    grounding: GroundingConfig = Field(default_factory=GroundingConfig)
     embeddings: StagePoolConfig = Field(default_factory=StagePoolConfig)
     encode: StagePoolConfig = Field(default_factory=StagePoolConfig)

@@ -1,0 +1,63 @@
+"""Model profiles: where every model of the pipeline is loaded from.
+
+A real profile names hub ids or local paths (``models.*``). The ``tiny`` profile builds random-init
+tiny versions of every model from the real config classes, deterministically, once, into
+``models.cache_dir/tiny/<name>`` with ``save_pretrained``; from then on stages load them by path with
+exactly the code that loads real weights. A file lock and a completion marker per model make
+concurrent Ray actors build each model once.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from filelock import FileLock
+
+from pipeline.config_annotate import ModelsConfig
+
+log = logging.getLogger(__name__)
+MODEL_NAMES = ("llava", "grounding_dino", "clip_vision", "dinov2", "sd")
+TINY_VERSION = "1"  # bump when a tiny builder changes, so caches are rebuilt
+
+
+def _builders() -> dict[str, Callable[[Path], None]]:
+    from pipeline import tiny_sd, tiny_vlm
+
+    return {
+        "llava": tiny_vlm.build_llava,
+        "grounding_dino": tiny_vlm.build_grounding_dino,
+        "clip_vision": tiny_sd.build_clip_vision,
+        "dinov2": tiny_sd.build_dinov2,
+        "sd": tiny_sd.build_sd,
+    }
+
+
+def ensure_tiny(cache_dir: str | Path, names: tuple[str, ...] = MODEL_NAMES) -> dict[str, str]:
+    """Build (once) and return the paths of the tiny models ``names``."""
+    root = Path(cache_dir).expanduser().resolve() / f"tiny-v{TINY_VERSION}"
+    root.mkdir(parents=True, exist_ok=True)
+    builders = _builders()
+    paths = {}
+    for name in names:
+        target = root / name
+        done = target / ".complete"
+        if not done.exists():
+            with FileLock(str(root / f"{name}.lock")):
+                if not done.exists():
+                    log.info("building tiny %s into %s", name, target)
+                    shutil.rmtree(target, ignore_errors=True)
+                    target.mkdir(parents=True)
+                    builders[name](target)
+                    done.write_text(TINY_VERSION)
+        paths[name] = str(target)
+    return paths
+
+
+def resolve_models(cfg: ModelsConfig) -> dict[str, str]:
+    """Model name -> local path or hub id, building the tiny profile's models on first use."""
+    if cfg.profile == "tiny":
+        return ensure_tiny(cfg.cache_dir)
+    return {name: getattr(cfg, name) for name in MODEL_NAMES}
