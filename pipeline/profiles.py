@@ -9,6 +9,7 @@ concurrent Ray actors build each model once.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import shutil
 from collections.abc import Callable
@@ -23,23 +24,22 @@ MODEL_NAMES = ("llava", "grounding_dino", "clip_vision", "dinov2", "sd")
 TINY_VERSION = "1"  # bump when a tiny builder changes, so caches are rebuilt
 
 
-def _builders() -> dict[str, Callable[[Path], None]]:
-    from pipeline import tiny_sd, tiny_vlm
-
-    return {
-        "llava": tiny_vlm.build_llava,
-        "grounding_dino": tiny_vlm.build_grounding_dino,
-        "clip_vision": tiny_sd.build_clip_vision,
-        "dinov2": tiny_sd.build_dinov2,
-        "sd": tiny_sd.build_sd,
-    }
+def _builder(name: str) -> Callable[[Path], None]:
+    """The tiny builder of ``name``, imported only when that model must be built."""
+    module, func = {
+        "llava": ("pipeline.tiny_vlm", "build_llava"),
+        "grounding_dino": ("pipeline.tiny_vlm", "build_grounding_dino"),
+        "clip_vision": ("pipeline.tiny_sd", "build_clip_vision"),
+        "dinov2": ("pipeline.tiny_sd", "build_dinov2"),
+        "sd": ("pipeline.tiny_sd", "build_sd"),
+    }[name]
+    return getattr(importlib.import_module(module), func)
 
 
 def ensure_tiny(cache_dir: str | Path, names: tuple[str, ...] = MODEL_NAMES) -> dict[str, str]:
     """Build (once) and return the paths of the tiny models ``names``."""
     root = Path(cache_dir).expanduser().resolve() / f"tiny-v{TINY_VERSION}"
     root.mkdir(parents=True, exist_ok=True)
-    builders = _builders()
     paths = {}
     for name in names:
         target = root / name
@@ -50,7 +50,7 @@ def ensure_tiny(cache_dir: str | Path, names: tuple[str, ...] = MODEL_NAMES) -> 
                     log.info("building tiny %s into %s", name, target)
                     shutil.rmtree(target, ignore_errors=True)
                     target.mkdir(parents=True)
-                    builders[name](target)
+                    _builder(name)(target)
                     done.write_text(TINY_VERSION)
         paths[name] = str(target)
     return paths
