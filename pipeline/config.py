@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipeline.config_annotate import AnnotateConfig, ModelsConfig
 from pipeline.config_evaluate import EvaluateConfig
+from pipeline.config_upscale import UpscaleConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -85,6 +86,7 @@ class Config(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    upscale: UpscaleConfig = Field(default_factory=UpscaleConfig)
     input: str | None = Field(None, description="input URI (local folder or s3://bucket/prefix)")
     output: str | None = Field(None, description="output URI")
 
