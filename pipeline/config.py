@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipeline.config_annotate import AnnotateConfig, ModelsConfig
 from pipeline.config_evaluate import EvaluateConfig
+from pipeline.config_train import DeepSpeedConfig, TrainConfig
 from pipeline.config_upscale import UpscaleConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -86,6 +87,8 @@ class Config(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     upscale: UpscaleConfig = Field(default_factory=UpscaleConfig)
     input: str | None = Field(None, description="input URI (local folder or s3://bucket/prefix)")
     output: str | None = Field(None, description="output URI")
