@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipeline.config_annotate import AnnotateConfig, ModelsConfig
 from pipeline.config_evaluate import EvaluateConfig
+from pipeline.config_model import LossConfig, ModelConfig
 from pipeline.config_train import DeepSpeedConfig, TrainConfig
 from pipeline.config_upscale import UpscaleConfig
 
@@ -90,6 +91,8 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     upscale: UpscaleConfig = Field(default_factory=UpscaleConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
     input: str | None = Field(None, description="input URI (local folder or s3://bucket/prefix)")
     output: str | None = Field(None, description="output URI")
 
