@@ -55,7 +55,7 @@ class GroundingConfig(StagePoolConfig):
 
 
 class AnnotateConfig(_Section):
-    shards_per_wave: int = Field(4, ge=1, description="shards annotated per Ray Data execution (resume unit)")
+    shards_per_wave: int = Field(64, ge=1, description="shards per Ray Data execution (pools start once per wave)")
     captions: CaptionsConfig = Field(default_factory=CaptionsConfig)
     grounding: GroundingConfig = Field(default_factory=GroundingConfig)
     embeddings: StagePoolConfig = Field(default_factory=StagePoolConfig)

@@ -61,3 +61,13 @@ def resolve_models(cfg: ModelsConfig) -> dict[str, str]:
     if cfg.profile == "tiny":
         return ensure_tiny(cfg.cache_dir)
     return {name: getattr(cfg, name) for name in MODEL_NAMES}
+
+
+def model_id(cfg: ModelsConfig, name: str) -> str:
+    """What goes into markers and members as the model of ``name``: the hub id / path, or ``tiny-vN/name``.
+
+    Never the tiny cache's absolute path, so markers do not depend on where the cache lives.
+    """
+    if name not in MODEL_NAMES:
+        raise KeyError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
+    return f"tiny-v{TINY_VERSION}/{name}" if cfg.profile == "tiny" else str(getattr(cfg, name))

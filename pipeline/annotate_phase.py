@@ -1,0 +1,204 @@
+"""Prepare's annotate phase: ``OUT/pairs`` shards -> annotation actor pools -> final ``OUT/shards``.
+
+One Ray Data execution per wave of ``annotate.shards_per_wave`` shards: each shard is read as one
+block, its rows stream through one actor pool per enabled stage (each sized on its own: captioning is
+the bottleneck), and only the small annotation columns come back to the driver. As soon as all rows
+of a shard are back (the pairs marker gives the count), a task merges them with the pixels it re-reads
+from the pairs shard and writes the final shard and its marker. A killed run resumes at the shards
+without a marker; stages micro-batch within a shard, so a resumed shard gets the same bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Config, ConfigError
+from pipeline.shard_phase import PAIRS_DIR
+from pipeline.shards import ShardWriter, decode_member, done_indices, load_marker, read_tar
+from pipeline.storage import Store, open_store
+from stages.columns import object_array
+
+log = logging.getLogger(__name__)
+FINAL_DIR = "shards"
+STAGE_ORDER = ("captions", "grounding", "embeddings", "encode")
+PIXELS = ("hr", "lr")
+
+
+def enabled_stages(cfg: Config) -> list[str]:
+    return [name for name in STAGE_ORDER if getattr(cfg.annotate, name).enabled]
+
+
+def load_pairs(batch: dict[str, np.ndarray], store: Store) -> dict[str, np.ndarray]:
+    """Rows of the pairs shards named in ``batch["shard"]``: key, shard, source, hr, lr, status, error."""
+    cols: dict[str, list] = defaultdict(list)
+    for index in batch["shard"]:
+        for key, members in read_tar(store.read(f"shard-{int(index):06d}.tar")):
+            cols["key"].append(key)
+            cols["shard"].append(int(index))
+            cols["source"].append(decode_member("json", members["json"])["source"])
+            cols["hr"].append(decode_member("hr.png", members["hr.png"]))
+            cols["lr"].append(decode_member("lr.png", members["lr.png"]))
+    n = len(cols["key"])
+    return {
+        "key": object_array(cols["key"]),
+        "shard": np.asarray(cols["shard"], np.int64),
+        "source": object_array(cols["source"]),
+        "hr": np.stack(cols["hr"]) if n else np.zeros((0, 1, 1, 3), np.uint8),
+        "lr": np.stack(cols["lr"]) if n else np.zeros((0, 1, 1, 3), np.uint8),
+        "status": object_array(["ok"] * n),
+        "error": object_array([""] * n),
+    }
+
+
+def write_final_shard(
+    pairs: Store, final: Store, index: int, rows: list[dict[str, Any]], stages: dict[str, str]
+) -> dict[str, Any]:
+    """Merge one shard's annotation rows with its pairs members and write the final shard + marker."""
+    from stages.annotations import row_to_members
+
+    pair_marker = load_marker(pairs, index)
+    by_key = {r["key"]: r for r in rows}
+    writer = ShardWriter(final, index)
+    for rej in pair_marker["rejected"]:
+        writer.reject(rej["source"], rej["reason"])
+    for key, members in read_tar(pairs.read(f"shard-{index:06d}.tar")):
+        row = by_key.get(key)
+        if row is None:
+            raise RuntimeError(f"shard {index}: no annotation row came back for key {key!r}")
+        if row["status"] != "ok":
+            writer.reject(f"{row['source']}#{key}", str(row["error"]))
+            continue
+        writer.write({"__key__": key, **members, **row_to_members(row, stages)})
+    return writer.close({**pair_marker["stages"], **stages})
+
+
+def _stage_factory(name: str):
+    from stages import captions, embeddings, encode, grounding
+
+    return {
+        "captions": captions.Captioner,
+        "grounding": grounding.Grounder,
+        "embeddings": embeddings.Embedder,
+        "encode": encode.Encoder,
+    }[name]
+
+
+def stage_ids(cfg: Config, names: list[str]) -> dict[str, str]:
+    """Stage name -> the model id recorded in markers and members (never a local cache path)."""
+    from pipeline.profiles import model_id
+
+    ids = {
+        "captions": lambda: model_id(cfg.models, "llava"),
+        "grounding": lambda: model_id(cfg.models, "grounding_dino"),
+        "embeddings": lambda: f"{model_id(cfg.models, 'clip_vision')}+{model_id(cfg.models, 'dinov2')}",
+        "encode": lambda: model_id(cfg.models, "sd"),
+    }
+    return {name: ids[name]() for name in names}
+
+
+def check_stages(cfg: Config) -> list[str]:
+    """The enabled stages, refusing combinations that cannot work."""
+    names = enabled_stages(cfg)
+    if "grounding" in names and "captions" not in names:
+        raise ConfigError("annotate.grounding needs the objects named by annotate.captions: "
+                          "enable annotate.captions or set annotate.grounding.enabled=false")
+    return names
+
+
+def annotate_dataset(ds, cfg: Config, names: list[str], paths: dict[str, str]):
+    """Chain the enabled stages on ``ds``, one actor pool each, sized by ``annotate.<stage>``."""
+    import ray
+
+    for name in names:
+        pool = getattr(cfg.annotate, name)
+        ds = ds.map_batches(
+            _stage_factory(name),
+            fn_constructor_kwargs={"cfg": cfg, "paths": paths},
+            batch_size=None,  # whole blocks (one shard each); the stage micro-batches within the shard
+            batch_format="numpy",
+            num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus or None,
+            compute=ray.data.ActorPoolStrategy(size=pool.pool_size),
+            **_test_hooks(),
+        )
+    return ds
+
+
+def run_annotate_phase(cfg: Config, num_shards: int) -> dict[str, Any]:
+    """Annotate every pairs shard that has no final marker yet; returns the phase summary."""
+    import ray
+
+    from pipeline.profiles import resolve_models
+
+    start = time.time()
+    out = open_store(cfg.output, cfg.storage.endpoint_url, cfg.storage.region)
+    pairs, final = out.child(PAIRS_DIR), out.child(FINAL_DIR)
+    ready = done_indices(pairs)
+    missing = sorted(set(range(num_shards)) - ready)
+    if missing:
+        raise FileNotFoundError(
+            f"annotate needs the pairs shards first: {len(missing)} missing under {pairs.uri} "
+            f"(e.g. shard {missing[0]}); run with prepare.phases=[shard, annotate]"
+        )
+    names = check_stages(cfg)
+    pending = sorted(set(range(num_shards)) - done_indices(final))
+    paths = resolve_models(cfg.models)
+    ids = stage_ids(cfg, names)
+    log.info("annotate phase: %d shards, %d to do, stages %s", num_shards, len(pending), names)
+    writer = ray.remote(num_cpus=0.25)(write_final_shard)
+    seconds: Counter = Counter()
+    annotated = 0
+    wave_size = cfg.annotate.shards_per_wave
+    for w in range(0, len(pending), wave_size):
+        wave = pending[w : w + wave_size]
+        expected = {i: load_marker(pairs, i)["count"] for i in wave}
+        grouped: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        writes = [writer.remote(pairs, final, i, [], ids) for i in wave if expected[i] == 0]
+        todo = [i for i in wave if expected[i] > 0]
+        if todo:
+            ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
+            ds = ds.map_batches(load_pairs, fn_kwargs={"store": pairs}, batch_size=1, num_cpus=0.25)
+            ds = annotate_dataset(ds, cfg, names, paths).drop_columns(list(PIXELS))
+            for row in ds.iter_rows():
+                index = int(row["shard"])
+                grouped[index].append(row)
+                seconds.update({k[len("seconds_"):]: float(v) for k, v in row.items() if k.startswith("seconds_")})
+                annotated += 1
+                if len(grouped[index]) == expected[index]:  # shard complete: write it while the rest runs
+                    writes.append(writer.remote(pairs, final, index, grouped.pop(index), ids))
+        ray.get(writes)
+        if grouped:
+            raise RuntimeError(f"annotate: rows missing for shards {sorted(grouped)} (expected {expected})")
+    markers = [load_marker(final, i) for i in range(num_shards)]
+    # shard-phase reasons are short constants; annotation errors read "<stage>: <message>"
+    reasons = Counter(r["reason"].split(": ", 1)[0] for m in markers for r in m["rejected"])
+    done_samples = sum(markers[i]["count"] for i in pending)
+    elapsed = time.time() - start
+    return {
+        "shards": num_shards,
+        "built": len(pending),
+        "skipped": num_shards - len(pending),
+        "samples": sum(m["count"] for m in markers),
+        "rejected": sum(reasons.values()),
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "stages": ids,
+        "stage_throughput": {
+            name: {"actor_seconds": round(seconds[name], 3),
+                   "samples_per_s": round(annotated / seconds[name], 2) if seconds[name] > 0 else None}
+            for name in names
+        },
+        "elapsed_s": round(elapsed, 3),
+        "samples_per_s": round(done_samples / elapsed, 2) if pending and elapsed > 0 else None,
+    }
+
+
+def _test_hooks() -> dict[str, Any]:
+    """Forward the test-only fault hook to the actors (their environment is the cluster's, not ours)."""
+    key = os.environ.get("PIPELINE_FAIL_KEY")
+    return {"runtime_env": {"env_vars": {"PIPELINE_FAIL_KEY": key}}} if key else {}

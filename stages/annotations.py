@@ -1,0 +1,177 @@
+"""What the annotation stages share: the row-failure protocol, shard-aligned micro-batches, members.
+
+Every annotation stage subclasses :class:`AnnotationStage`: it implements ``process`` for a list of
+row indices and ``placeholder`` for rows it does not process (already rejected, or failed here), so
+each output column has one value per row. A micro-batch that raises is retried row by row; a row that
+still fails becomes ``status="error"``, ``error="<stage>: <message>"`` and the rest go on.
+
+Micro-batches never cross a shard (the ``shard`` column, when present) and are cut from the start of
+the shard, so a row's neighbours, and so its numbers, are the same whether its shard ran in a full
+run or alone in a resumed one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from pipeline.shards import encode_json, encode_npy
+from stages.columns import as_list, object_array, stack_or_objects
+
+log = logging.getLogger(__name__)
+
+NPY_MEMBERS = ("clip_lr", "dino_lr", "clip_hr", "dino_hr", "text", "latent")
+
+
+class AnnotationStage:
+    """Base of the annotation stages: ``__call__(batch) -> batch`` with per-row failures as data."""
+
+    name = "stage"
+
+    def __init__(self, batch_size: int):
+        self.batch_size = max(1, int(batch_size))
+
+    def process(self, batch: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
+        """Output values for ``rows`` (one dict per row, in order)."""
+        raise NotImplementedError
+
+    def placeholder(self, batch: dict[str, Any], row: int) -> dict[str, Any]:
+        """Output values for a row that was not processed (same types and shapes as ``process``)."""
+        raise NotImplementedError
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        n = len(batch["key"])
+        status = [str(s) for s in as_list(batch["status"])] if "status" in batch else ["ok"] * n
+        error = [str(e) for e in as_list(batch["error"])] if "error" in batch else [""] * n
+        results: list[dict[str, Any] | None] = [None] * n
+        for chunk in self._chunks(batch, status):
+            for i, out in self._run(batch, chunk, error):
+                if isinstance(out, BaseException):
+                    status[i], error[i] = "error", f"{self.name}: {_message(out)}"
+                    log.warning("%s failed on %s: %s", self.name, batch["key"][i], error[i])
+                else:
+                    results[i] = out
+        filled = [r if r is not None else self.placeholder(batch, i) for i, r in enumerate(results)]
+        columns = {}
+        for name in filled[0] if filled else []:
+            values = [r[name] for r in filled]
+            columns[name] = stack_or_objects(values) if isinstance(values[0], np.ndarray) else object_array(values)
+        # per-row share of this call's time: the phase sums it into seconds and samples/s per stage
+        columns[f"seconds_{self.name}"] = np.full(n, (time.perf_counter() - start) / max(n, 1))
+        return {**batch, **columns, "status": object_array(status), "error": object_array(error)}
+
+    def _chunks(self, batch: dict[str, Any], status: list[str]) -> Iterator[list[int]]:
+        shards = as_list(batch["shard"]) if "shard" in batch else [0] * len(status)
+        groups: dict[Any, list[int]] = {}
+        for i, s in enumerate(shards):
+            groups.setdefault(int(s), []).append(i)
+        for rows in groups.values():
+            # cut from the shard's start over all rows, so a reject does not shift its neighbours
+            for start in range(0, len(rows), self.batch_size):
+                chunk = [i for i in rows[start : start + self.batch_size] if status[i] == "ok"]
+                if chunk:
+                    yield chunk
+
+    def _run(self, batch: dict[str, Any], rows: list[int], error: list[str]):
+        try:
+            outs = self.process(batch, rows)
+            if len(outs) != len(rows):
+                raise RuntimeError(f"{self.name} returned {len(outs)} results for {len(rows)} rows")
+            yield from zip(rows, outs, strict=True)
+            return
+        except Exception as exc:  # noqa: BLE001 - isolate the bad row below
+            if len(rows) == 1:
+                yield rows[0], exc
+                return
+        for i in rows:
+            try:
+                yield i, self.process(batch, [i])[0]
+            except Exception as exc:  # noqa: BLE001 - a failure is data: this row becomes a reject
+                yield i, exc
+
+
+def _message(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:300]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# words that are never objects to ground: function words, verbs of scene descriptions, quality terms
+_STOP = set(
+    """a an the of on in with and or but is are was were be been being there this that these those it its
+    his her their our your my he she they we you i to from for as at by near into onto over under above below
+    behind beside between next while which who whom whose what where when how very slightly somewhat quite
+    some several many few two three four five one other another each both all any such image picture photo
+    photograph scene view shot quality clarity clear sharp blurry blur noise noisy grainy color colors colour
+    lighting exposure contrast detail details texture resolution low high good poor excellent average overall
+    well soft vivid natural dull appears seems shows showing depicts depicting features featuring has have
+    having can could may might also visible background foreground front top left right center middle side
+    standing sitting holding wearing looking lying walking riding using please provide descriptive summary
+    content describe evaluate based factors user assistant system""".split()
+)
+
+
+def extract_objects(caption: str, max_objects: int) -> list[str]:
+    """Grounding queries from a caption: runs of content words between stop words, first seen first.
+
+    A deterministic stand-in for a noun-phrase parser ("a man riding a red bicycle" -> ["man", "red
+    bicycle"]): no tagger model, so identical input gives identical queries everywhere.
+    """
+    phrases: list[str] = []
+    current: list[str] = []
+    for word in re.findall(r"[a-z]+|[^a-z\s]", caption.lower()):
+        if word.isalpha() and len(word) > 1 and word not in _STOP and not word.endswith("ing"):
+            current.append(word)
+            continue
+        if current:
+            phrases.append(" ".join(current[-3:]))  # the head noun ends an English noun phrase
+            current = []
+    if current:
+        phrases.append(" ".join(current[-3:]))
+    return list(dict.fromkeys(phrases))[:max_objects]
+
+
+def row_to_members(row: dict[str, Any], stages: dict[str, str]) -> dict[str, bytes]:
+    """The annotation members of one annotated row (DESIGN.md's shard table), as encoded bytes."""
+    members: dict[str, bytes] = {}
+    if "caption_high" in row and "captions" in stages:
+        members["caption.json"] = encode_json(
+            {"high": str(row["caption_high"]), "low": str(row["caption_low"]), "model": stages["captions"]}
+        )
+    if "boxes" in row and "grounding" in stages:
+        boxes = np.asarray(row["boxes"], np.float64).reshape(-1, 4)
+        members["boxes.json"] = encode_json({
+            "phrases": [str(p) for p in as_list(row["phrases"])],
+            "boxes": [[round(float(v), 5) for v in box] for box in boxes],
+            "scores": [round(float(s), 5) for s in np.asarray(row["scores"], np.float64).reshape(-1)],
+            "model": stages["grounding"],
+        })
+    for name in NPY_MEMBERS:
+        value = row.get(name)
+        if value is not None and np.asarray(value).size:
+            members[f"{name}.npy"] = encode_npy(np.asarray(value, dtype=np.float16))
+    return members
+
+
+def members_to_annotations(members: dict[str, bytes]) -> dict[str, Any]:
+    """Inverse of :func:`row_to_members` for readers: decoded captions, boxes and arrays."""
+    from pipeline.shards import decode_member
+
+    out: dict[str, Any] = {}
+    if "caption.json" in members:
+        caption = json.loads(members["caption.json"])
+        out.update(caption_high=caption["high"], caption_low=caption["low"])
+    if "boxes.json" in members:
+        boxes = json.loads(members["boxes.json"])
+        out.update(phrases=boxes["phrases"], boxes=np.asarray(boxes["boxes"], np.float32).reshape(-1, 4),
+                   scores=np.asarray(boxes["scores"], np.float32))
+    for name in NPY_MEMBERS:
+        if f"{name}.npy" in members:
+            out[name] = decode_member("npy", members[f"{name}.npy"])
+    return out

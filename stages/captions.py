@@ -1,0 +1,99 @@
+"""Captions stage: LLaVA's high-level (content) and low-level (quality) captions, and the objects to ground.
+
+As in XPSR, both prompts are asked about the LR image (``annotate.captions.on``). Generation is
+batched, left-padded and greedy, so the same image always gets the same caption. The objects are the
+noun phrases of the high-level caption (:func:`stages.annotations.extract_objects`), capped at
+``annotate.captions.max_objects``; they become the grounding stage's queries.
+
+Backends sit behind :class:`CaptionBackend`: ``transformers`` (``LlavaForConditionalGeneration``, the
+default) or ``llava_torch`` (the original LLaVA code, the optional ``llava`` extra).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from pipeline.config import Config
+from pipeline.profiles import model_id
+from stages.annotations import AnnotationStage, extract_objects
+from stages.features import torch_dtype
+
+FAIL_KEY_ENV = "PIPELINE_FAIL_KEY"  # test hook: the captions stage fails on the row with this key
+
+
+class CaptionBackend(Protocol):
+    def caption(self, images: list[np.ndarray], prompt: str) -> list[str]:
+        """One greedy caption per image for ``prompt``."""
+
+
+class TransformersLlava:
+    """LLaVA through transformers: ``AutoProcessor`` (chat template, image tokens) + ``LlavaForConditionalGeneration``."""
+
+    def __init__(self, path: str, device: str, dtype: torch.dtype, max_new_tokens: int):
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.processor.tokenizer.padding_side = "left"  # decoder-only generation continues on the right
+        self.model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.max_new_tokens = max_new_tokens
+
+    def prompt_text(self, prompt: str) -> str:
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+    @torch.no_grad()
+    def caption(self, images: list[np.ndarray], prompt: str) -> list[str]:
+        text = self.prompt_text(prompt)
+        inputs = self.processor(images=images, text=[text] * len(images), padding=True, return_tensors="pt")
+        inputs = inputs.to(self.model.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
+        new = out[:, inputs["input_ids"].shape[1] :]
+        return [" ".join(s.split()) for s in self.processor.batch_decode(new, skip_special_tokens=True)]
+
+
+def make_backend(name: str, path: str, device: str, dtype: torch.dtype, max_new_tokens: int) -> CaptionBackend:
+    """The caption backend ``annotate.captions.backend`` names."""
+    if name == "transformers":
+        return TransformersLlava(path, device, dtype, max_new_tokens)
+    if name == "llava_torch":
+        from stages.caption_llava_torch import LlavaTorch
+
+        return LlavaTorch(path, device, dtype, max_new_tokens)
+    raise ValueError(f"annotate.captions.backend={name!r} is not known; use 'transformers' or 'llava_torch'")
+
+
+class Captioner(AnnotationStage):
+    """Adds ``caption_high``, ``caption_low`` (str) and ``objects`` (list of str) to each row."""
+
+    name = "captions"
+
+    def __init__(self, cfg: Config, paths: dict[str, str], backend: CaptionBackend | None = None):
+        c = cfg.annotate.captions
+        super().__init__(c.batch_size)
+        self.cfg = c
+        self.model = model_id(cfg.models, "llava")
+        self.backend = backend or make_backend(
+            c.backend, paths["llava"], cfg.models.device, torch_dtype(cfg.models.dtype), c.max_new_tokens
+        )
+        self.fail_key = os.environ.get(FAIL_KEY_ENV)
+
+    def process(self, batch: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
+        for i in rows:
+            if self.fail_key and str(batch["key"][i]) == self.fail_key:
+                raise RuntimeError(f"injected failure for key {self.fail_key} ({FAIL_KEY_ENV})")
+        column = "hr" if self.cfg.on == "hr" and "hr" in batch else "lr"
+        images = [np.asarray(batch[column][i], np.uint8) for i in rows]
+        high = self.backend.caption(images, self.cfg.high_prompt)
+        low = self.backend.caption(images, self.cfg.low_prompt)
+        return [
+            {"caption_high": h, "caption_low": lo, "objects": extract_objects(h, self.cfg.max_objects)}
+            for h, lo in zip(high, low, strict=True)
+        ]
+
+    def placeholder(self, batch: dict[str, Any], row: int) -> dict[str, Any]:
+        return {"caption_high": "", "caption_low": "", "objects": []}

@@ -1,0 +1,54 @@
+"""Embeddings stage: CLIP and DINOv2 features, the semantic-enhanced visual guidance of the model.
+
+LR: the token features (``clip_lr`` ``[Tc, Dc]``, ``dino_lr`` ``[Td, Dd]``), the restorer's input.
+HR (only when the batch has ``hr``): the pooled features (``clip_hr`` ``[Dc]``, ``dino_hr`` ``[Dd]``),
+the targets of the semantic degradation constraint. Stored fp16, as DESIGN.md's shard table says.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import Config
+from pipeline.profiles import model_id
+from stages.annotations import AnnotationStage
+from stages.features import ImageEncoders, torch_dtype
+
+
+def _fp16(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy().astype(np.float16)
+
+
+class Embedder(AnnotationStage):
+    """Adds ``clip_lr``, ``dino_lr`` (fp16 tokens) and, with ``hr``, ``clip_hr``, ``dino_hr`` (fp16 pooled)."""
+
+    name = "embeddings"
+
+    def __init__(self, cfg: Config, paths: dict[str, str]):
+        super().__init__(cfg.annotate.embeddings.batch_size)
+        self.model_id = f"{model_id(cfg.models, 'clip_vision')}+{model_id(cfg.models, 'dinov2')}"
+        self.encoders = ImageEncoders.load(paths["clip_vision"], paths["dinov2"], cfg.models.device,
+                                           torch_dtype(cfg.models.dtype))
+        # output shapes for rows that are not processed: the encoders resize, so one probe fixes them
+        probe = self.encoders.encode(np.zeros((1, 32, 32, 3), np.uint8))
+        self.shapes = {k: tuple(v.shape[1:]) for k, v in probe.items()}
+
+    def process(self, batch: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
+        lr = self.encoders.encode([np.asarray(batch["lr"][i], np.uint8) for i in rows])
+        out = [{"clip_lr": _fp16(lr["clip_tokens"][n]), "dino_lr": _fp16(lr["dino_tokens"][n])} for n in range(len(rows))]
+        if "hr" in batch:
+            hr = self.encoders.encode([np.asarray(batch["hr"][i], np.uint8) for i in rows])
+            for n, row in enumerate(out):
+                row.update(clip_hr=_fp16(hr["clip_pooled"][n]), dino_hr=_fp16(hr["dino_pooled"][n]))
+        return out
+
+    def placeholder(self, batch: dict[str, Any], row: int) -> dict[str, Any]:
+        out = {"clip_lr": np.zeros(self.shapes["clip_tokens"], np.float16),
+               "dino_lr": np.zeros(self.shapes["dino_tokens"], np.float16)}
+        if "hr" in batch:
+            out.update(clip_hr=np.zeros(self.shapes["clip_pooled"], np.float16),
+                       dino_hr=np.zeros(self.shapes["dino_pooled"], np.float16))
+        return out

@@ -1,0 +1,62 @@
+"""Encode stage: the frozen SD text encoder's states of both captions and the VAE posterior of HR.
+
+``text`` ``[2, 77, D]`` holds the high- and low-level captions' last hidden states (empty strings when
+the captions stage is off: the unconditional embedding). ``latent`` ``[2C, H/8, W/8]`` is the VAE's
+posterior (mean, logvar) of the HR crop, only when the batch has ``hr``; training samples from it, so
+one shard serves every epoch with fresh latent noise. Both stored fp16.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import Config
+from pipeline.profiles import model_id
+from stages.annotations import AnnotationStage
+from stages.features import encode_prompts, images_to_tensor, load_text_encoder, torch_dtype, vae_posterior
+
+
+class Encoder(AnnotationStage):
+    """Adds ``text`` (fp16 ``[2,77,D]``) and, with ``hr``, ``latent`` (fp16 ``[2C,h,w]``)."""
+
+    name = "encode"
+
+    def __init__(self, cfg: Config, paths: dict[str, str]):
+        from diffusers import AutoencoderKL
+
+        super().__init__(cfg.annotate.encode.batch_size)
+        dtype = torch_dtype(cfg.models.dtype)
+        self.model_id = model_id(cfg.models, "sd")
+        self.tokenizer, self.text_encoder = load_text_encoder(paths["sd"], cfg.models.device, dtype)
+        self.vae = AutoencoderKL.from_pretrained(paths["sd"], subfolder="vae", torch_dtype=dtype)
+        self.vae.to(cfg.models.device).eval().requires_grad_(False)
+        self.width = self.text_encoder.config.hidden_size
+        self.channels = self.vae.config.latent_channels
+        self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def process(self, batch: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
+        if "caption_high" in batch:
+            high = [str(batch["caption_high"][i]) for i in rows]
+            low = [str(batch["caption_low"][i]) for i in rows]
+        else:
+            high = low = [""] * len(rows)
+        states = encode_prompts(self.tokenizer, self.text_encoder, high + low).float().cpu()
+        text = torch.stack([states[: len(rows)], states[len(rows) :]], dim=1).numpy().astype(np.float16)
+        out = [{"text": text[n]} for n in range(len(rows))]
+        if "hr" in batch:
+            pixels = images_to_tensor([np.asarray(batch["hr"][i], np.uint8) for i in rows])
+            latent = vae_posterior(self.vae, pixels).float().cpu().numpy().astype(np.float16)
+            for n, row in enumerate(out):
+                row["latent"] = latent[n]
+        return out
+
+    def placeholder(self, batch: dict[str, Any], row: int) -> dict[str, Any]:
+        out = {"text": np.zeros((2, 77, self.width), np.float16)}
+        if "hr" in batch:
+            h, w = np.asarray(batch["hr"][row]).shape[:2]
+            out["latent"] = np.zeros((2 * self.channels, h // self.factor, w // self.factor), np.float16)
+        return out

@@ -1,0 +1,132 @@
+"""Grounding stage: Grounding DINO boxes for the caption's objects, normalized xyxy in the HR frame.
+
+Each row's objects become one query text (``"red car . dog ."``, Grounding DINO's format). For every
+predicted query box the stage scores each phrase by the highest token probability inside that phrase's
+tokens; a box is kept when its best phrase scores above ``box_threshold`` and ``text_threshold``.
+Then per-phrase NMS (in torch: torchvision is never required), sorted by score, at most ``max_boxes``
+(the smaller of ``annotate.grounding.max_boxes`` and ``model.max_boxes``). Without an ``hr`` column (upscale)
+the detector sees the LR upsampled by ``data.scale``; coordinates are normalized, so they are the HR frame's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.config import Config
+from pipeline.profiles import model_id
+from stages.annotations import AnnotationStage
+from stages.columns import as_list
+from stages.features import torch_dtype
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU of xyxy boxes ``[N,4]`` x ``[M,4]``."""
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    return inter / (area_a[:, None] + area_b[None, :] - inter).clamp(min=1e-9)
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float) -> torch.Tensor:
+    """Indices kept by greedy NMS within each label, highest score first (torchvision's batched_nms)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    ious = box_iou(boxes, boxes)
+    keep: list[int] = []
+    for i in order.tolist():
+        if all(labels[j] != labels[i] or ious[i, j] <= iou for j in keep):
+            keep.append(i)
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def phrase_token_spans(offsets: list[tuple[int, int]], text: str, phrases: list[str]) -> list[list[int]]:
+    """For each phrase of ``text`` (joined as ``"p1 . p2 ."``), the token positions inside it."""
+    spans, start = [], 0
+    for phrase in phrases:
+        lo = text.index(phrase, start)
+        hi = lo + len(phrase)
+        start = hi
+        spans.append([t for t, (a, b) in enumerate(offsets) if b > a and a >= lo and b <= hi])
+    return spans
+
+
+def select_boxes(probs: torch.Tensor, boxes_cxcywh: torch.Tensor, spans: list[list[int]], phrases: list[str],
+                 box_threshold: float, text_threshold: float, iou: float, max_boxes: int
+                 ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Phrases, normalized xyxy boxes ``[K,4]`` and scores ``[K]`` of one image's queries (``probs [Q, T]``)."""
+    width = probs.shape[1]
+    valid = [(j, [t for t in span if t < width]) for j, span in enumerate(spans)]
+    valid = [(j, span) for j, span in valid if span]
+    if not valid:
+        return [], np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
+    per_phrase = torch.stack([probs[:, span].max(dim=1).values for _, span in valid], dim=1)  # [Q, P]
+    score, best = per_phrase.max(dim=1)
+    keep = (score > box_threshold) & (score > text_threshold)
+    cx, cy, w, h = boxes_cxcywh.unbind(-1)
+    xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1).clamp(0, 1)
+    xyxy, score, labels = xyxy[keep], score[keep], best[keep]
+    kept = nms(xyxy, score, labels, iou)[:max_boxes] if len(score) else torch.zeros(0, dtype=torch.long)
+    names = [phrases[valid[int(labels[k])][0]] for k in kept]
+    return names, xyxy[kept].float().numpy().reshape(-1, 4), score[kept].float().numpy().reshape(-1)
+
+
+class Grounder(AnnotationStage):
+    """Adds ``phrases`` (list of str), ``boxes`` (float32 ``[K,4]``) and ``scores`` (float32 ``[K]``)."""
+
+    name = "grounding"
+
+    def __init__(self, cfg: Config, paths: dict[str, str]):
+        from transformers import AutoProcessor, GroundingDinoForObjectDetection
+
+        g = cfg.annotate.grounding
+        super().__init__(g.batch_size)
+        self.cfg = g
+        model_cfg = getattr(cfg, "model", None)
+        self.max_boxes = min(g.max_boxes, getattr(model_cfg, "max_boxes", g.max_boxes))
+        self.scale = cfg.data.scale
+        self.model_id = model_id(cfg.models, "grounding_dino")
+        self.processor = AutoProcessor.from_pretrained(paths["grounding_dino"])
+        self.model = GroundingDinoForObjectDetection.from_pretrained(
+            paths["grounding_dino"], dtype=torch_dtype(cfg.models.dtype)
+        ).to(cfg.models.device).eval()
+
+    def _image(self, batch: dict[str, Any], i: int) -> np.ndarray:
+        if "hr" in batch:
+            return np.asarray(batch["hr"][i], np.uint8)
+        lr = np.asarray(batch["lr"][i], np.uint8)
+        size = (lr.shape[1] * self.scale, lr.shape[0] * self.scale)
+        return np.asarray(Image.fromarray(lr).resize(size, Image.Resampling.BICUBIC))
+
+    @torch.no_grad()
+    def process(self, batch: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
+        if "objects" not in batch:
+            raise KeyError("grounding needs the captions stage's 'objects' column; enable annotate.captions")
+        objects = {i: list(dict.fromkeys(" ".join(str(o).lower().split()) for o in as_list(batch["objects"][i])
+                                         if str(o).strip())) for i in rows}
+        out = {i: self.placeholder(batch, i) for i in rows}
+        todo = [i for i in rows if objects[i]]
+        if todo:
+            texts = [" . ".join(objects[i]) + " ." for i in todo]
+            inputs = self.processor(images=[self._image(batch, i) for i in todo], text=texts, padding=True,
+                                    return_tensors="pt").to(self.model.device)
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            result = self.model(**inputs)
+            probs = result.logits.float().sigmoid().cpu()
+            pred = result.pred_boxes.float().cpu()
+            for n, i in enumerate(todo):
+                enc = self.processor.tokenizer(texts[n], return_offsets_mapping=True)
+                spans = phrase_token_spans(enc["offset_mapping"], texts[n], objects[i])
+                phrases, boxes, scores = select_boxes(
+                    probs[n], pred[n], spans, objects[i], self.cfg.box_threshold, self.cfg.text_threshold,
+                    self.cfg.nms_iou, self.max_boxes,
+                )
+                out[i] = {"phrases": phrases, "boxes": boxes, "scores": scores}
+        return [out[i] for i in rows]
+
+    def placeholder(self, batch: dict[str, Any], row: int) -> dict[str, Any]:
+        return {"phrases": [], "boxes": np.zeros((0, 4), np.float32), "scores": np.zeros((0,), np.float32)}

@@ -1,0 +1,102 @@
+"""prepare's annotate phase end to end: every DESIGN member, determinism, resume, failures as rejects."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.prepare import main as prepare_main
+from pipeline.shards import read_tar
+from tests.conftest import write_good_photos
+
+ARGS = ["--set", "data.hr_size=64", "--set", "data.min_size=64", "--set", "data.shard_size=4",
+        "--set", "prepare.progress=false", "--set", "annotate.captions.max_new_tokens=12"]
+NPY = {"clip_lr.npy": 2, "dino_lr.npy": 2, "clip_hr.npy": 1, "dino_hr.npy": 1, "text.npy": 3, "latent.npy": 3}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    write_good_photos(folder)
+    for extra in folder.glob("*_la.png"):
+        extra.unlink()  # fewer files keep the module quick; the read stage's own tests cover the modes
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("models"))
+
+
+def _run(photos: Path, out: Path, cache: str, *extra: str) -> dict:
+    assert prepare_main(["--input", str(photos), "--output", str(out), *ARGS,
+                         "--set", f"models.cache_dir={cache}", *extra]) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def annotated(photos, cache, tmp_path_factory, ray_cluster) -> Path:
+    out = tmp_path_factory.mktemp("annotated")
+    _run(photos, out, cache)
+    return out
+
+
+def _samples(out: Path) -> dict[str, dict[str, bytes]]:
+    rows = {}
+    for tar in sorted((out / "shards").glob("shard-*.tar")):
+        rows.update(dict(read_tar(tar.read_bytes())))
+    return rows
+
+
+def test_every_member_with_design_dtype_and_shape(annotated):
+    import webdataset as wds
+
+    samples = _samples(annotated)
+    summary = json.loads((annotated / "summary.json").read_text())
+    assert len(samples) == summary["samples"] == summary["phases"]["shard"]["samples"] > 0
+    for key, members in samples.items():
+        assert {"hr.png", "lr.png", "json", "caption.json", "boxes.json", *NPY} <= set(members), key
+        for name, ndim in NPY.items():
+            arr = np.load(io.BytesIO(members[name]), allow_pickle=False)
+            assert arr.dtype == np.float16 and arr.ndim == ndim, (name, arr.dtype, arr.shape)
+            assert np.isfinite(arr).all()
+        assert np.load(io.BytesIO(members["text.npy"]))[0].shape[0] == 77
+        caption = json.loads(members["caption.json"])
+        assert set(caption) == {"high", "low", "model"}
+        boxes = json.loads(members["boxes.json"])
+        assert set(boxes) == {"phrases", "boxes", "scores", "model"}
+        assert all(0 <= v <= 1 for box in boxes["boxes"] for v in box)
+    marker = json.loads(sorted((annotated / "shards").glob("shard-*.json"))[0].read_text())
+    assert {"read", "crop", "degrade", "captions", "grounding", "embeddings", "encode"} <= set(marker["stages"])
+    rows = list(wds.WebDataset(str(annotated / "shards" / "shard-000000.tar"), shardshuffle=False))
+    assert rows and "latent.npy" in rows[0]
+
+
+def test_same_input_same_annotations_and_resume(annotated, photos, cache, tmp_path):
+    out = tmp_path / "again"
+    _run(photos, out, cache)
+    first = {p.name: p.read_bytes() for p in sorted((annotated / "shards").glob("shard-*"))}
+    assert {p.name: p.read_bytes() for p in sorted((out / "shards").glob("shard-*"))} == first
+    # a run killed after shard 1's tar but before its marker: the rerun redoes exactly that shard
+    (out / "shards" / "shard-000001.json").unlink()
+    (out / "shards" / "shard-000001.tar").write_bytes(b"partial")
+    summary = _run(photos, out, cache)
+    assert summary["phases"]["annotate"]["built"] == 1
+    assert {p.name: p.read_bytes() for p in sorted((out / "shards").glob("shard-*"))} == first
+
+
+def test_injected_failure_becomes_a_reject(annotated, photos, cache, tmp_path, monkeypatch):
+    victim = sorted(_samples(annotated))[0]
+    monkeypatch.setenv("PIPELINE_FAIL_KEY", victim)
+    out = tmp_path / "failing"
+    summary = _run(photos, out, cache, "--set", "annotate.grounding.enabled=false")
+    samples = _samples(out)
+    assert victim not in samples and len(samples) == len(_samples(annotated)) - 1
+    assert "boxes.json" not in next(iter(samples.values()))
+    assert summary["rejected_by_reason"].get("captions") == 1
+    rejected = [r for m in (out / "shards").glob("shard-*.json") for r in json.loads(m.read_text())["rejected"]]
+    assert any(victim in r["source"] and r["reason"].startswith("captions: ") for r in rejected)
