@@ -1,0 +1,234 @@
+"""``SRObjective``: the frozen Stable Diffusion, the frozen encoders and the trainable
+Spatial-Semantic ControlNet, composed into one module whose forward returns the weighted losses.
+
+The training runner wraps this module in DeepSpeed and optimizes ``trainable_parameters()``; the
+upscale stage and users load what ``export`` writes with ``SpatialSemanticSRPipeline.from_pretrained``.
+Shard members that are missing from a batch (``text``, ``latent``, ``clip_lr``, ...) are computed
+online with ``stages.features``, the code the annotation stages use.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+
+from pipeline.config_model import LossConfig, ModelConfig
+from stages.features import ImageEncoders, encode_phrases, encode_prompts, load_text_encoder, vae_posterior
+from training import losses
+from training.conditioning import apply_keep, stream_keep_masks
+from training.model import SpatialSemanticControlNet
+
+log = logging.getLogger(__name__)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float ``[B,3,H,W]`` in [-1, 1] -> uint8 ``[B,H,W,3]`` (for the frozen image encoders)."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def control_image(lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The ControlNet's conditioning image: the LR upsampled (bicubic) to ``size``, in [-1, 1]."""
+    return F.interpolate(lr.float(), size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+class SRObjective(nn.Module):
+    """Frozen SD + encoders, trainable ``controlnet``; ``forward(batch)`` -> dict of losses."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, encoders: ImageEncoders, scheduler,
+                 controlnet: SpatialSemanticControlNet, model_cfg: ModelConfig, loss_cfg: LossConfig):
+        super().__init__()
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.clip_vision, self.dino = encoders.clip, encoders.dino
+        self.tokenizer, self.encoders, self.scheduler = tokenizer, encoders, scheduler
+        self.controlnet = controlnet
+        self.model_cfg, self.loss_cfg = model_cfg, loss_cfg
+        for module in (unet, vae, text_encoder, encoders.clip, encoders.dino):
+            module.eval().requires_grad_(False)
+        self.controlnet.train().requires_grad_(True)
+        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
+        self._empty_text: torch.Tensor | None = None
+
+    @classmethod
+    def from_paths(cls, paths: dict[str, str], model_cfg: ModelConfig, loss_cfg: LossConfig,
+                   dtype: torch.dtype = torch.float32) -> SRObjective:
+        """Load the frozen parts by path (``sd``, ``clip_vision``, ``dinov2``) and build the ControlNet.
+
+        With ``paths["controlnet"]`` (an exported ``controlnet`` folder) training starts from it instead
+        of a fresh ``from_unet`` copy. Frozen parts are loaded in ``dtype``; the ControlNet in float32.
+        """
+        sd = paths["sd"]
+        unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(sd, subfolder="vae", torch_dtype=dtype)
+        tokenizer, text_encoder = load_text_encoder(sd, dtype=dtype)
+        encoders = ImageEncoders.load(paths["clip_vision"], paths["dinov2"], dtype=dtype)
+        scheduler = DDPMScheduler.from_pretrained(sd, subfolder="scheduler")
+        if paths.get("controlnet"):
+            controlnet = SpatialSemanticControlNet.from_pretrained(paths["controlnet"], torch_dtype=torch.float32)
+        else:
+            # load_state_dict copies (and casts) the UNet's weights into the float32 branch
+            controlnet = SpatialSemanticControlNet.from_unet(
+                unet, text_dim=text_encoder.config.hidden_size,
+                clip_dim=encoders.clip.config.hidden_size, dino_dim=encoders.dino.config.hidden_size,
+                **model_cfg.controlnet_kwargs(),
+            )
+        if model_cfg.gradient_checkpointing:
+            controlnet.enable_gradient_checkpointing()
+        return cls(unet, vae, text_encoder, tokenizer, encoders, scheduler, controlnet, model_cfg, loss_cfg)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The ControlNet branch and the new layers; everything else is frozen."""
+        return [p for p in self.controlnet.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> SRObjective:
+        """Only the ControlNet switches mode; the frozen parts stay in eval."""
+        self.training = mode
+        self.controlnet.train(mode)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.alphas_cumprod.device
+
+    # -- conditioning -------------------------------------------------------------------------------
+    def _empty(self, batch_size: int) -> torch.Tensor:
+        """States of the empty prompt (what a dropped caption becomes), computed once."""
+        if self._empty_text is None or self._empty_text.device != self.device:
+            self._empty_text = encode_prompts(self.tokenizer, self.text_encoder, [""]).float()
+        return self._empty_text.expand(batch_size, -1, -1)
+
+    def conditioning(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Text states, phrase embeddings, boxes, encoder tokens and HR targets, from the batch or online."""
+        dev, k = self.device, self.model_cfg.max_boxes
+        hr, lr = batch["hr"].to(dev).float(), batch["lr"].to(dev).float()
+        out: dict[str, torch.Tensor] = {}
+        if batch.get("text") is not None:
+            text = batch["text"].to(dev).float()
+            out["text_high"], out["text_low"] = text[:, 0], text[:, 1]
+        else:
+            out["text_high"] = encode_prompts(self.tokenizer, self.text_encoder, list(batch["caption_high"])).float()
+            out["text_low"] = encode_prompts(self.tokenizer, self.text_encoder, list(batch["caption_low"])).float()
+        phrase_embeds, phrase_mask = encode_phrases(self.tokenizer, self.text_encoder,
+                                                    [list(p) for p in batch["phrases"]], k)
+        boxes = batch["boxes"].to(dev).float()[:, :k]
+        box_mask = batch["box_mask"].to(dev).float()[:, :k]
+        pad = k - boxes.shape[1]
+        boxes, box_mask = F.pad(boxes, (0, 0, 0, pad)), F.pad(box_mask, (0, pad))
+        out.update(phrase_embeds=phrase_embeds.float(), boxes=boxes, box_mask=box_mask * phrase_mask.float())
+        need_lr = batch.get("clip_lr") is None or batch.get("dino_lr") is None
+        lr_feats = self.encoders.encode(to_uint8(lr)) if need_lr else {}
+        need_hr = batch.get("clip_hr") is None or batch.get("dino_hr") is None
+        hr_feats = self.encoders.encode(to_uint8(hr)) if need_hr and self.loss_cfg.semantic > 0 else {}
+        for name, online in (("clip_lr", "clip_tokens"), ("dino_lr", "dino_tokens"),
+                             ("clip_hr", "clip_pooled"), ("dino_hr", "dino_pooled")):
+            value = batch.get(name)
+            value = value if value is not None else (lr_feats if name.endswith("lr") else hr_feats).get(online)
+            if value is not None:
+                out[name] = value.to(dev).float()
+        if batch.get("latent") is not None:
+            out["posterior"] = batch["latent"].to(dev).float()
+        else:
+            out["posterior"] = vae_posterior(self.vae, hr).float()
+        return out
+
+    # -- the objective ------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Weighted total ``loss`` and one entry per enabled term (float32 scalars)."""
+        dev = self.device
+        cond = self.conditioning(batch)
+        hr = batch["hr"].to(dev).float()
+        lr = batch["lr"].to(dev).float()
+        bsz = hr.shape[0]
+        gdev = generator.device if generator is not None else dev
+
+        def randn(shape):
+            return torch.randn(shape, generator=generator, device=gdev).to(dev)
+
+        mean, logvar = cond["posterior"].chunk(2, dim=1)
+        scaling = self.vae.config.scaling_factor
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        latents = ((mean + (0.5 * logvar).exp() * randn(mean.shape)) - shift) * scaling
+        noise = randn(latents.shape)
+        steps = self.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (bsz,), generator=generator, device=gdev).to(dev)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+
+        text_high, text_low, box_mask = cond["text_high"], cond["text_low"], cond["box_mask"]
+        clip_lr, dino_lr = cond.get("clip_lr"), cond.get("dino_lr")
+        keep_visual = torch.ones(bsz, dtype=torch.bool, device=dev)
+        if self.training:
+            keep = stream_keep_masks(bsz, self.model_cfg.dropout.model_dump(), generator, dev)
+            empty = self._empty(bsz)
+            text_high = apply_keep(text_high, keep["text_high"], empty)
+            text_low = apply_keep(text_low, keep["text_low"], empty)
+            box_mask = apply_keep(box_mask, keep["grounding"])
+            keep_visual = keep["visual"]
+            clip_lr = apply_keep(clip_lr, keep_visual) if clip_lr is not None else None
+            dino_lr = apply_keep(dino_lr, keep_visual) if dino_lr is not None else None
+
+        ctrl = self.controlnet(
+            noisy, timesteps, control_image(lr, tuple(hr.shape[-2:])), text_high, text_low=text_low,
+            boxes=cond["boxes"], phrase_embeds=cond["phrase_embeds"], box_mask=box_mask,
+            clip_tokens=clip_lr, dino_tokens=dino_lr,
+        )
+        udt = self.unet.dtype
+        pred = self.unet(
+            noisy.to(udt), timesteps, encoder_hidden_states=text_high.to(udt),
+            down_block_additional_residuals=[r.to(udt) for r in ctrl.down_block_res_samples],
+            mid_block_additional_residual=ctrl.mid_block_res_sample.to(udt),
+        ).sample.float()
+
+        ptype = self.scheduler.config.prediction_type
+        cfg = self.loss_cfg
+        terms: dict[str, torch.Tensor] = {}
+        target = losses.diffusion_target(latents, noise, timesteps, self.alphas_cumprod, ptype)
+        terms["diffusion"] = losses.diffusion_loss(pred, target)
+        x0 = losses.predicted_x0(noisy, pred, timesteps, self.alphas_cumprod, ptype)
+        pixels = None
+        if cfg.needs_pixels:
+            vdt = self.vae.dtype
+            pixels = self.vae.decode((x0 / scaling + shift).to(vdt)).sample.float()
+        if cfg.degradation_free > 0:
+            terms["degradation_free"] = losses.degradation_free_loss(
+                x0, latents, pixels if cfg.degradation_free_pixels else None, hr, cfg.degradation_free_scales)
+        if cfg.semantic > 0:
+            pairs = [(ctrl.clip_pooled, cond.get("clip_hr")), (ctrl.dino_pooled, cond.get("dino_hr"))]
+            pairs = [(r, t) for r, t in pairs if r is not None and t is not None]
+            if pairs:
+                terms["semantic"] = losses.semantic_loss([r for r, _ in pairs], [t for _, t in pairs], keep_visual)
+        if cfg.pixel_w1 > 0:
+            terms["pixel_w1"] = losses.wasserstein1_pixels(pixels, hr)
+        weights = {"diffusion": cfg.diffusion, "degradation_free": cfg.degradation_free,
+                   "semantic": cfg.semantic, "pixel_w1": cfg.pixel_w1}
+        total = sum(weights[name] * value for name, value in terms.items())
+        return {"loss": total, **terms}
+
+    # -- export -------------------------------------------------------------------------------------
+    def pipeline(self, controlnet: SpatialSemanticControlNet | None = None):
+        """The inference pipeline over this objective's modules (``controlnet`` overrides, e.g. EMA weights)."""
+        from training.sr_pipeline import SpatialSemanticSRPipeline
+
+        return SpatialSemanticSRPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            controlnet=controlnet if controlnet is not None else self.controlnet, scheduler=self.scheduler,
+            clip_vision=self.encoders.clip, clip_processor=self.encoders.clip_processor,
+            dino=self.encoders.dino, dino_processor=self.encoders.dino_processor,
+        )
+
+    def export(self, path: str, controlnet_state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Save a complete ``SpatialSemanticSRPipeline`` into local folder ``path``.
+
+        ``controlnet_state_dict`` (e.g. gathered from ZeRO-3 partitions, or EMA weights) replaces the
+        live ControlNet weights in the export without touching the training module.
+        """
+        controlnet = self.controlnet
+        if controlnet_state_dict is not None:
+            controlnet = SpatialSemanticControlNet.from_config(self.controlnet.config)
+            controlnet.load_state_dict(controlnet_state_dict)
+        self.pipeline(controlnet).save_pretrained(path, safe_serialization=True)

@@ -1,0 +1,185 @@
+"""``SpatialSemanticSRPipeline``: upscale one image with the Spatial-Semantic ControlNet (diffusers-native).
+
+Components: the frozen SD parts (``vae``, ``text_encoder``, ``tokenizer``, ``unet``), the trained
+``controlnet``, any diffusers ``scheduler``, and the frozen image encoders with their processors
+(``clip_vision``/``clip_processor``, ``dino``/``dino_processor``). ``save_pretrained`` writes them in
+diffusers' folder layout; ``from_pretrained`` loads them back.
+
+Classifier-free guidance follows XPSR: the unconditional stream replaces the high-level caption by
+the negative prompt and keeps the low-level caption, grounding and visual tokens.
+
+Tiled inference (``pipeline.upscale``) uses the two halves separately: ``encode_conditioning`` once
+per image, then ``predict_noise`` per latent tile and step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+
+from stages.features import ImageEncoders, encode_phrases, encode_prompts
+
+NEGATIVE_PROMPT = "blurry, dotted, noise, unclear, low-res, over-smoothed"
+
+
+@dataclass
+class Conditioning:
+    """Per-image conditioning tensors; ``negative_text`` is the unconditional stream's high caption."""
+
+    text_high: torch.Tensor
+    text_low: torch.Tensor
+    phrase_embeds: torch.Tensor
+    boxes: torch.Tensor
+    box_mask: torch.Tensor
+    clip_tokens: torch.Tensor
+    dino_tokens: torch.Tensor
+    negative_text: torch.Tensor | None = None
+
+    def repeat_to(self, n: int) -> Conditioning:
+        """Each image's tensors repeated so the batch holds ``n`` rows (e.g. several tiles per image)."""
+        b = self.text_high.shape[0]
+        if n == b:
+            return self
+        if n % b:
+            raise ValueError(f"{n} latent rows do not split evenly over {b} conditioned images")
+        return Conditioning(**{f.name: None if getattr(self, f.name) is None
+                               else getattr(self, f.name).repeat_interleave(n // b, dim=0) for f in fields(self)})
+
+
+def _lr_array(image) -> np.ndarray:
+    """PIL image or uint8 array ``[h,w,3]`` / ``[B,h,w,3]`` -> uint8 ``[B,h,w,3]``."""
+    if isinstance(image, PIL.Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"expected an RGB uint8 image [h, w, 3] (or PIL), got {arr.dtype} {arr.shape}")
+    return arr
+
+
+class SpatialSemanticSRPipeline(DiffusionPipeline):
+    """LR image in, super-resolved image out (CFG with a negative prompt, any diffusers scheduler)."""
+
+    model_cpu_offload_seq = "text_encoder->clip_vision->dino->controlnet->unet->vae"
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, controlnet, scheduler, clip_vision, clip_processor,
+                 dino, dino_processor):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                              controlnet=controlnet, scheduler=scheduler, clip_vision=clip_vision,
+                              clip_processor=clip_processor, dino=dino, dino_processor=dino_processor)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # -- conditioning -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_conditioning(self, lr_images: np.ndarray, prompts_high: list[str], prompts_low: list[str],
+                            phrases: list[list[str]] | None = None, boxes: list | None = None,
+                            negative_prompt: str = NEGATIVE_PROMPT, do_cfg: bool = True) -> Conditioning:
+        """Text, grounding and visual conditioning of ``B`` LR images (uint8 ``[B,h,w,3]``)."""
+        lr_images = _lr_array(lr_images)
+        b, k = lr_images.shape[0], self.controlnet.config.max_boxes
+        tok, te = self.tokenizer, self.text_encoder
+        text_high = encode_prompts(tok, te, [str(p) for p in prompts_high])
+        text_low = encode_prompts(tok, te, [str(p) for p in prompts_low])
+        phrases = [list(p) for p in phrases] if phrases is not None else [[] for _ in range(b)]
+        phrase_embeds, phrase_mask = encode_phrases(tok, te, phrases, k)
+        box_tensor = torch.zeros(b, k, 4, device=te.device)
+        box_mask = torch.zeros(b, k, device=te.device)
+        for i, row in enumerate(boxes if boxes is not None else [None] * b):
+            if row is None or len(row) == 0:
+                continue
+            row = torch.as_tensor(np.asarray(row, dtype=np.float32).reshape(-1, 4)[:k], device=te.device)
+            box_tensor[i, : len(row)] = row
+            box_mask[i, : len(row)] = 1
+        encoders = ImageEncoders(self.clip_vision, self.clip_processor, self.dino, self.dino_processor)
+        feats = encoders.encode(lr_images)
+        negative = encode_prompts(tok, te, [negative_prompt] * b) if do_cfg else None
+        return Conditioning(text_high, text_low, phrase_embeds, box_tensor, box_mask * phrase_mask.to(box_mask.dtype),
+                            feats["clip_tokens"], feats["dino_tokens"], negative)
+
+    # -- one denoising evaluation -------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_noise(self, latents: torch.Tensor, t: torch.Tensor | int, control_image: torch.Tensor,
+                      cond: Conditioning, guidance_scale: float, conditioning_scale: float = 1.0) -> torch.Tensor:
+        """The UNet's prediction (noise or v) for ``latents`` at ``t``, with CFG applied.
+
+        ``control_image`` is the LR upsampled to the latents' pixel size (``8 * h8``), in [-1, 1]; any
+        tile whose latent side is a multiple of 8 works.
+        """
+        c = cond.repeat_to(latents.shape[0])
+        do_cfg = c.negative_text is not None and guidance_scale > 1.0
+        text_high, extra = c.text_high, [c.text_low, c.phrase_embeds, c.boxes, c.box_mask, c.clip_tokens, c.dino_tokens]
+        model_in, ctrl = latents, control_image
+        if do_cfg:
+            model_in, ctrl = torch.cat([latents] * 2), torch.cat([control_image] * 2)
+            text_high = torch.cat([c.negative_text, text_high])
+            extra = [torch.cat([x] * 2) for x in extra]
+        model_in = self.scheduler.scale_model_input(model_in, t)
+        text_low, phrase_embeds, boxes, box_mask, clip_tokens, dino_tokens = extra
+        down, mid, _, _ = self.controlnet(
+            model_in, t, ctrl, text_high, text_low=text_low, boxes=boxes, phrase_embeds=phrase_embeds,
+            box_mask=box_mask, clip_tokens=clip_tokens, dino_tokens=dino_tokens,
+            conditioning_scale=conditioning_scale, return_dict=False,
+        )
+        udt = self.unet.dtype
+        pred = self.unet(
+            model_in.to(udt), t, encoder_hidden_states=text_high.to(udt),
+            down_block_additional_residuals=[r.to(udt) for r in down], mid_block_additional_residual=mid.to(udt),
+        ).sample
+        if do_cfg:
+            uncond, cond_pred = pred.chunk(2)
+            pred = uncond + guidance_scale * (cond_pred - uncond)
+        return pred.to(latents.dtype)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1]."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        latents = latents / self.vae.config.scaling_factor + shift
+        return self.vae.decode(latents.to(self.vae.dtype)).sample
+
+    # -- the whole image ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, image, prompt: str = "", prompt_low: str = "", phrases: list[str] | None = None,
+                 boxes=None, negative_prompt: str = NEGATIVE_PROMPT, num_inference_steps: int = 20,
+                 guidance_scale: float = 5.5, conditioning_scale: float = 1.0, generator: torch.Generator | None = None,
+                 output_type: str = "pil", upscale: int = 4, latents: torch.Tensor | None = None):
+        """Upscale one LR image by ``upscale``; returns a PIL image or a float ``[H, W, 3]`` array in [0, 1]."""
+        if output_type not in ("pil", "np"):
+            raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        lr = _lr_array(image)[:1]
+        h, w = lr.shape[1:3]
+        out_h, out_w = h * upscale, w * upscale
+        # latents must split evenly through the UNet's downsamplings: pad the LR, crop the output
+        unit = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        hr_h, hr_w = -(-out_h // unit) * unit, -(-out_w // unit) * unit
+        device = self._execution_device
+        lr_t = torch.from_numpy(lr).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+        ph, pw = -(-hr_h // upscale) - h, -(-hr_w // upscale) - w
+        if ph or pw:
+            lr_t = F.pad(lr_t, (0, pw, 0, ph), mode="replicate")
+        size = ((h + ph) * upscale, (w + pw) * upscale)
+        control = F.interpolate(lr_t, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)[..., :hr_h, :hr_w]
+        cond = self.encode_conditioning(lr, [prompt], [prompt_low], [phrases or []],
+                                        [boxes] if boxes is not None else None, negative_prompt,
+                                        do_cfg=guidance_scale > 1.0)
+        shape = (1, self.unet.config.in_channels, hr_h // self.vae_scale_factor, hr_w // self.vae_scale_factor)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+            latents = latents * self.scheduler.init_noise_sigma
+        latents = latents.to(device, torch.float32)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            pred = self.predict_noise(latents, t, control, cond, guidance_scale, conditioning_scale)
+            latents = self.scheduler.step(pred.float(), t, latents, generator=generator).prev_sample
+        pixels = self.decode_latents(latents).float()[..., :out_h, :out_w]
+        result = self.image_processor.postprocess(pixels, output_type=output_type)
+        return result[0]
