@@ -1,0 +1,203 @@
+"""``python -m pipeline.upscale``: upscale a bucket of images of any size with tiled latent diffusion.
+
+Listing (local folder or ``s3://``) -> skip inputs whose output exists -> Ray Data: read (rejects with
+reasons) -> the caption and grounding stages of prepare, each on its own actor pool -> the diffusion
+stage on an actor pool (``upscale.diffuse``) -> write (same relative path and format) -> only the
+small columns come back, for ``OUTPUT/summary.json`` (counts, rejects, megapixels/s).
+Re-running after a crash finishes the rest: outputs are written atomically and existing ones skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from importlib.util import find_spec
+from typing import Any
+
+from pipeline.config import Config, ConfigError, build_parser, config_from_args, config_to_yaml
+from pipeline.runtime import init_ray
+from pipeline.storage import Store, open_store
+from stages.read import reject_reason
+
+log = logging.getLogger("pipeline.upscale")
+DEFAULT_OUTPUT = "runs/upscale"
+ANNOTATION_STAGES = {"captions": "stages.captions", "grounding": "stages.grounding", "embeddings": "stages.embeddings"}
+SUMMARY = "summary.json"
+
+
+def default_input() -> str:
+    """The bundled sample photos (scikit-image's data folder), as for prepare."""
+    import skimage.data
+
+    return skimage.data.data_dir
+
+
+def _suffixes(cfg: Config) -> tuple[str, ...]:
+    return tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in cfg.data.extensions)
+
+
+def _nested_prefix(inp: Store, out: Store) -> str | None:
+    """The output's path relative to the input when the output lies inside it (its files are no inputs)."""
+    a, b = inp.uri.rstrip("/") + "/", out.uri.rstrip("/") + "/"
+    return b[len(a):] if b.startswith(a) else None
+
+
+def list_pending(cfg: Config, inp: Store, out: Store) -> tuple[list[str], list[str]]:
+    """(inputs to upscale, inputs skipped because their output exists), both sorted."""
+    files = inp.list(_suffixes(cfg))
+    nested = _nested_prefix(inp, out)
+    if nested:
+        files = [f for f in files if not f.startswith(nested)]
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(_suffixes(cfg))}) found under {cfg.input}")
+    done = set(out.list(_suffixes(cfg))) if cfg.upscale.skip_existing else set()
+    return [f for f in files if f not in done], [f for f in files if f in done]
+
+
+def enabled_stages(cfg: Config) -> list[str]:
+    """Annotation stages to run: ``upscale.stages`` if given, else those installed and enabled in ``annotate``."""
+    if cfg.upscale.stages is not None:
+        missing = [s for s in cfg.upscale.stages if find_spec(ANNOTATION_STAGES[s]) is None]
+        if missing:
+            raise ConfigError(f"upscale.stages names {missing}, which are not installed (modules {ANNOTATION_STAGES})")
+        return list(cfg.upscale.stages)
+    # embeddings are left out by default: the diffusion stage encodes each tile's own LR crop
+    return [s for s in ("captions", "grounding")
+            if getattr(cfg.annotate, s).enabled and find_spec(ANNOTATION_STAGES[s]) is not None]
+
+
+def _stage_class(name: str) -> type:
+    from stages import captions, embeddings, grounding
+
+    return {"captions": captions.Captioner, "grounding": grounding.Grounder, "embeddings": embeddings.Embedder}[name]
+
+
+def _read(batch: dict, **kwargs: Any) -> dict:
+    from stages.upscale_io import ReadLR
+
+    return ReadLR(**kwargs)(batch)
+
+
+def _write(batch: dict, store: Store) -> dict:
+    from stages.upscale_io import WriteOutputs
+
+    return WriteOutputs(store)(batch)
+
+
+def run_pipeline(cfg: Config, pending: list[str], inp: Store, out: Store, model_path: str) -> list[dict[str, Any]]:
+    """Upscale ``pending`` on Ray Data; returns one small row per input (path, status, error, sizes, times)."""
+    import ray
+
+    from stages.diffuse import Diffuser
+
+    ucfg = cfg.upscale
+    ds = ray.data.from_items([{"path": p} for p in pending], override_num_blocks=max(1, min(len(pending), 64)))
+    read = {"store": inp, "max_pixels": ucfg.max_input_pixels, "min_size": ucfg.min_input_size,
+            "max_bytes": cfg.data.max_bytes}
+    ds = ds.map_batches(_read, fn_kwargs=read, batch_size=1, num_cpus=ucfg.read_num_cpus, batch_format="numpy")
+    names = enabled_stages(cfg)
+    if names:
+        from pipeline.profiles import resolve_models
+
+        paths = resolve_models(cfg.models)
+        for name in names:
+            pool = getattr(cfg.annotate, name)
+            ds = ds.map_batches(
+                _stage_class(name), fn_constructor_kwargs={"cfg": cfg, "paths": paths}, batch_size=pool.batch_size,
+                batch_format="numpy", num_cpus=pool.num_cpus, num_gpus=pool.num_gpus or None,
+                compute=ray.data.ActorPoolStrategy(size=pool.pool_size),
+            )
+    pool = ucfg.diffuse
+    ds = ds.map_batches(
+        Diffuser, fn_constructor_kwargs={"cfg": cfg, "model_path": model_path}, batch_size=pool.batch_size,
+        batch_format="numpy", num_cpus=pool.num_cpus, num_gpus=pool.num_gpus or None,
+        compute=ray.data.ActorPoolStrategy(size=pool.pool_size),
+    )
+    ds = ds.map_batches(_write, fn_kwargs={"store": out}, batch_size=1, batch_format="numpy",
+                        num_cpus=ucfg.read_num_cpus)
+    log.info("upscaling %d images: stages %s -> diffuse (pool %d) -> write", len(pending), names, pool.pool_size)
+    return [dict(row) for row in ds.iter_rows()]
+
+
+def summarize(cfg: Config, rows: list[dict[str, Any]], skipped: list[str], elapsed: float, model: str,
+              stages: list[str]) -> dict[str, Any]:
+    """Counts, rejects by reason and throughput (output megapixels per second) of one run."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    rejects = [{"source": str(r["path"]), "reason": reject_reason(str(r["error"])), "error": str(r["error"])}
+               for r in rows if r["status"] != "ok"]
+    out_mp = sum(int(r["out_pixels"]) for r in ok) / 1e6
+    in_mp = sum(int(r["in_pixels"]) for r in ok) / 1e6
+    diffuse_s = sum(float(r["diffuse_s"]) for r in ok)
+    return {
+        "input": cfg.input, "output": cfg.output, "model": model, "stages": stages + ["diffuse"],
+        "files": len(rows) + len(skipped), "upscaled": len(ok), "skipped": len(skipped),
+        "rejected": len(rejects), "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        "rejects": sorted(rejects, key=lambda r: r["source"]),
+        "input_megapixels": round(in_mp, 4), "output_megapixels": round(out_mp, 4),
+        "elapsed_s": round(elapsed, 3),
+        "megapixels_per_s": round(out_mp / elapsed, 4) if elapsed > 0 and ok else None,
+        "diffuse_megapixels_per_actor_s": round(out_mp / diffuse_s, 4) if diffuse_s > 0 else None,
+        "scale": cfg.upscale.scale, "realism": cfg.upscale.realism, "steps": cfg.upscale.steps,
+    }
+
+
+def run_upscale(cfg: Config) -> dict[str, Any]:
+    """Upscale every pending input of ``cfg.input`` into ``cfg.output``; writes config.yaml and summary.json."""
+    from pipeline.upscale_model import resolve_model
+
+    start = time.time()
+    inp = open_store(cfg.input, cfg.storage.endpoint_url, cfg.storage.region)
+    out = open_store(cfg.output, cfg.storage.endpoint_url, cfg.storage.region)
+    pending, skipped = list_pending(cfg, inp, out)
+    out.write("config.yaml", config_to_yaml(cfg).encode())
+    log.info("%d inputs: %d to upscale, %d skipped (output exists)", len(pending) + len(skipped), len(pending), len(skipped))
+    stages = enabled_stages(cfg)
+    rows: list[dict[str, Any]] = []
+    model = ""
+    if pending:
+        model = resolve_model(cfg)
+        init_ray(cfg.ray, progress=True)
+        rows = run_pipeline(cfg, pending, inp, out, model)
+    summary = summarize(cfg, rows, skipped, time.time() - start, model or str(cfg.upscale.model), stages)
+    out.write(SUMMARY, json.dumps(summary, indent=1, sort_keys=True).encode())
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser(
+        "python -m pipeline.upscale",
+        "Upscale every image under --input (local folder or s3://) into --output, same relative paths and formats.",
+        ["upscale", "models"],
+    )
+    parser.add_argument("--model", default=None,
+                        help="SpatialSemanticSRPipeline folder, local or s3:// (a training run's RUN_URI/export); "
+                             "default: the untrained tiny-profile build")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = config_from_args(args)
+        if args.model:
+            cfg.upscale.model = args.model
+    except ConfigError as exc:
+        parser.error(str(exc))
+    cfg.input = cfg.input or default_input()
+    cfg.output = cfg.output or DEFAULT_OUTPUT
+    try:
+        summary = run_upscale(cfg)
+    except (FileNotFoundError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    where = open_store(cfg.output, cfg.storage.endpoint_url, cfg.storage.region).url("")
+    print(f"upscaled {summary['upscaled']} images, skipped {summary['skipped']} (output exists), "
+          f"rejected {summary['rejected']} {summary['rejected_by_reason']}; "
+          f"{summary['output_megapixels']} MP out at {summary['megapixels_per_s']} MP/s")
+    print(f"outputs: {where}  summary: {where}/{SUMMARY}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The model ``pipeline.upscale`` loads: ``--model`` / ``upscale.model``, or the untrained tiny build.
+
+``--model`` names a ``SpatialSemanticSRPipeline`` folder (a training run's ``RUN_URI/export``), local
+or ``s3://``; an S3 export is copied once into ``models.cache_dir/remote/<hash>`` so every actor loads
+it from local disk. Without one, the ``tiny`` profile builds an untrained pipeline (the frozen tiny
+SD, CLIP and DINOv2 plus a zero-initialized Spatial-Semantic ControlNet: the plain base model's
+behaviour) once, under a file lock, with ``SRObjective.export`` -- the code a training run exports with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+
+from filelock import FileLock
+
+from pipeline.config import Config, ConfigError
+from pipeline.storage import open_store
+
+log = logging.getLogger(__name__)
+UNTRAINED = "sr-untrained"
+DONE = ".complete"
+
+
+def _locked_build(target: Path, build, what: str) -> str:
+    """Run ``build(target)`` once across processes; a marker file says the folder is complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not (target / DONE).exists():
+        with FileLock(str(target) + ".lock"):
+            if not (target / DONE).exists():
+                log.info("building %s into %s", what, target)
+                shutil.rmtree(target, ignore_errors=True)
+                target.mkdir(parents=True)
+                build(target)
+                (target / DONE).write_text("ok")
+    return str(target)
+
+
+def build_untrained(cfg: Config) -> str:
+    """The untrained SpatialSemanticSRPipeline of the tiny profile (built once into models.cache_dir)."""
+    from pipeline.profiles import TINY_VERSION, ensure_tiny
+
+    paths = ensure_tiny(cfg.models.cache_dir, ("sd", "clip_vision", "dinov2"))
+    digest = hashlib.sha256(cfg.model.model_dump_json().encode()).hexdigest()[:10]
+    target = Path(cfg.models.cache_dir).expanduser().resolve() / f"tiny-v{TINY_VERSION}" / f"{UNTRAINED}-{digest}"
+
+    def build(folder: Path) -> None:
+        from training.objective import SRObjective
+
+        SRObjective.from_paths(paths, cfg.model, cfg.loss).export(str(folder))
+
+    return _locked_build(target, build, "the untrained tiny SR pipeline")
+
+
+def fetch_remote(uri: str, cfg: Config) -> str:
+    """Copy an ``s3://`` export folder to local disk once; returns the local folder."""
+    store = open_store(uri, cfg.storage.endpoint_url, cfg.storage.region)
+    digest = hashlib.sha256(store.uri.encode()).hexdigest()[:16]
+    target = Path(cfg.models.cache_dir).expanduser().resolve() / "remote" / digest
+
+    def build(folder: Path) -> None:
+        files = store.list()
+        if not files:
+            raise FileNotFoundError(f"no files under {uri}: is it a training export (RUN_URI/export)?")
+        for rel in files:
+            dest = folder / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(store.read(rel))
+
+    return _locked_build(target, build, f"the model {store.uri}")
+
+
+def resolve_model(cfg: Config) -> str:
+    """Local folder of the pipeline to load (``upscale.model``, fetched if remote, else the tiny build)."""
+    model = cfg.upscale.model
+    if model:
+        if model.startswith("s3://"):
+            return fetch_remote(model, cfg)
+        if not Path(model).expanduser().is_dir():
+            raise FileNotFoundError(f"--model {model} is not a folder; pass a training export (RUN_URI/export)")
+        return str(Path(model).expanduser().resolve())
+    if cfg.models.profile != "tiny":
+        raise ConfigError(
+            f"models.profile={cfg.models.profile!r} has no default SR model: pass --model with a training export"
+        )
+    return build_untrained(cfg)

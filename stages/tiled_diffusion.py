@@ -1,0 +1,200 @@
+"""Tiled latent diffusion: any image size at the memory of one tile.
+
+Per denoising step the model predicts noise on overlapping latent tiles (batched, ``tile_batch`` at a
+time); the predictions are blended with the raised-cosine weights of ``stages.tiling`` into one
+full-latent prediction, and the scheduler steps the whole latent (MultiDiffusion's scheme, so every
+diffusers scheduler works unchanged). Each tile is conditioned on its own region: the LR crop under it
+(ControlNet input and CLIP/DINOv2 tokens) and the boxes that fall inside it, re-normalized to the tile;
+the captions describe the whole image and go to every tile.
+
+The model is any object with the ``SpatialSemanticSRPipeline`` inference interface: ``vae``,
+``vae_scale_factor``, ``scheduler``, ``encode_conditioning(...)`` and ``predict_noise(...)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config_upscale import UpscaleConfig
+from stages.color_fix import ChannelStats, adain_fix_uint8, wavelet_fix
+from stages.tiled_vae import BicubicSource, decode_tiled, encode_tiled, latent_tiles, tile_mask
+
+UNET_MULTIPLE = 8  # latent sides are padded to this (the UNet downsamples 3 times)
+MIN_STRENGTH = 0.2  # the noise level realism 0 starts from (fraction of the schedule)
+
+
+@dataclass(frozen=True)
+class RealismPlan:
+    """What ``upscale.realism`` sets: where denoising starts, how many steps run, how hard CFG pushes."""
+
+    strength: float  # fraction of the noise schedule the input latent is noised to
+    steps: int  # denoising steps actually run (the tail of the ``steps``-step schedule)
+    guidance_scale: float
+    conditioning_scale: float
+
+
+def realism_plan(realism: float, steps: int, guidance_scale: float, conditioning_scale: float) -> RealismPlan:
+    """Map realism in [0, 1] to a sampling plan; see docs/upscale.md for why each term moves."""
+    if not 0.0 <= realism <= 1.0:
+        raise ValueError(f"upscale.realism={realism} must lie in [0, 1]")
+    strength = MIN_STRENGTH + (1.0 - MIN_STRENGTH) * realism
+    run = max(1, min(steps, round(steps * strength)))
+    guidance = 1.0 + (guidance_scale - 1.0) * realism
+    # at low realism the LR control pulls harder (up to 1.25x), at full realism it is the configured scale
+    control = conditioning_scale * (1.0 + 0.25 * (1.0 - realism))
+    return RealismPlan(strength, run, guidance, control)
+
+
+def make_scheduler(name: str, base: Any) -> Any:
+    """The diffusers scheduler class ``name`` configured like the model's own scheduler."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ValueError(f"upscale.scheduler={name!r} is not a diffusers scheduler class")
+    return cls.from_config(base.config)
+
+
+def padded_latent_size(height: int, width: int, factor: int) -> tuple[int, int]:
+    """Latent sides covering an output of ``height`` x ``width``, rounded up to the UNet's multiple."""
+    grid = factor * UNET_MULTIPLE
+    return math.ceil(height / grid) * UNET_MULTIPLE, math.ceil(width / grid) * UNET_MULTIPLE
+
+
+def lr_window(y: int, x: int, th: int, tw: int, factor: int, scale: int, lr_h: int, lr_w: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the LR crop under a latent tile: a fixed size per tile grid, inside the image."""
+    ch, cw = min(lr_h, math.ceil(th * factor / scale)), min(lr_w, math.ceil(tw * factor / scale))
+    top = min(max(0, (y * factor) // scale), lr_h - ch)
+    left = min(max(0, (x * factor) // scale), lr_w - cw)
+    return top, left, ch, cw
+
+
+def regional_boxes(phrases: list[str], boxes: np.ndarray, window: tuple[float, float, float, float],
+                   min_visible: float = 0.2) -> tuple[list[str], np.ndarray]:
+    """Boxes (normalized xyxy of the image) clipped and re-normalized to ``window``; mostly hidden ones dropped."""
+    wx0, wy0, wx1, wy1 = window
+    keep_p, keep_b = [], []
+    for phrase, box in zip(phrases, np.asarray(boxes, np.float32).reshape(-1, 4), strict=False):
+        x0, y0, x1, y1 = (float(v) for v in box)
+        cx0, cy0, cx1, cy1 = max(x0, wx0), max(y0, wy0), min(x1, wx1), min(y1, wy1)
+        if cx1 <= cx0 or cy1 <= cy0:
+            continue
+        area = max((x1 - x0) * (y1 - y0), 1e-12)
+        tile_area = (wx1 - wx0) * (wy1 - wy0)
+        visible = (cx1 - cx0) * (cy1 - cy0)
+        if visible / area < min_visible and visible / tile_area < min_visible:
+            continue
+        sx, sy = wx1 - wx0, wy1 - wy0
+        keep_p.append(phrase)
+        keep_b.append([(cx0 - wx0) / sx, (cy0 - wy0) / sy, (cx1 - wx0) / sx, (cy1 - wy0) / sy])
+    return keep_p, np.asarray(keep_b, np.float32).reshape(-1, 4)
+
+
+class TiledUpscaler:
+    """Upscale one RGB uint8 image with a loaded pipeline, tile by tile."""
+
+    def __init__(self, pipe: Any, cfg: UpscaleConfig, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.pipe, self.cfg = pipe, cfg
+        self.device, self.dtype = torch.device(device), dtype
+        self.factor = int(pipe.vae_scale_factor)
+        vae_cfg = pipe.vae.config
+        self.scaling = float(vae_cfg.scaling_factor)
+        self.shift = float(getattr(vae_cfg, "shift_factor", None) or 0.0)
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        mean = self.pipe.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.mean
+        return (mean.float() - self.shift) * self.scaling
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents.to(self.device, self.dtype) / self.scaling + self.shift
+        return self.pipe.vae.decode(z).sample
+
+    def _conditioning(self, lr: np.ndarray, tiles: list, captions: tuple[str, str], phrases: list[str],
+                      boxes: np.ndarray, do_cfg: bool) -> list[Any]:
+        """One Conditioning per batch of tiles, each tile with its LR crop and its boxes."""
+        lr_h, lr_w = lr.shape[:2]
+        scale = self.cfg.scale
+        out = []
+        for start in range(0, len(tiles), self.cfg.tile_batch):
+            chunk = tiles[start : start + self.cfg.tile_batch]
+            crops, tile_phrases, tile_boxes = [], [], []
+            for y, x, th, tw in chunk:
+                top, left, ch, cw = lr_window(y, x, th, tw, self.factor, scale, lr_h, lr_w)
+                crops.append(lr[top : top + ch, left : left + cw])
+                window = (left / lr_w, top / lr_h, (left + cw) / lr_w, (top + ch) / lr_h)
+                p, b = regional_boxes(phrases, boxes, window)
+                tile_phrases.append(p)
+                tile_boxes.append(b)
+            n = len(chunk)
+            out.append(self.pipe.encode_conditioning(
+                np.stack(crops), [captions[0]] * n, [captions[1]] * n, tile_phrases, tile_boxes,
+                self.cfg.negative_prompt, do_cfg,
+            ))
+        return out
+
+    @torch.no_grad()
+    def __call__(self, lr: np.ndarray, caption_high: str = "", caption_low: str = "",
+                 phrases: list[str] | None = None, boxes: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+        """The ``scale``x upscale of ``lr`` (RGB uint8 [h, w, 3]) as RGB uint8 [h*scale, w*scale, 3]."""
+        cfg, f = self.cfg, self.factor
+        src = BicubicSource(lr, cfg.scale, self.device)
+        lat_h, lat_w = padded_latent_size(src.height, src.width, f)
+        plan = realism_plan(cfg.realism, cfg.steps, cfg.guidance_scale, cfg.conditioning_scale)
+        scheduler = make_scheduler(cfg.scheduler, self.pipe.scheduler)
+        scheduler.set_timesteps(cfg.steps, device=self.device)
+        t_start = cfg.steps - plan.steps
+        timesteps = scheduler.timesteps[t_start * scheduler.order :]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start * scheduler.order)
+        vae_tile = cfg.effective_vae_tile
+        z0 = encode_tiled(self._encode, src, lat_h, lat_w, vae_tile, cfg.tile_overlap, f).to(self.device)
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(z0.shape, generator=generator).to(self.device)
+        latents = scheduler.add_noise(z0, noise, timesteps[:1])
+        tiles = latent_tiles(lat_h, lat_w, cfg.tile_size, cfg.tile_overlap)
+        do_cfg = plan.guidance_scale > 1.0
+        prompt = caption_high or cfg.prompt
+        conds = self._conditioning(lr, tiles, (prompt, caption_low or ""), list(phrases or []),
+                                   np.zeros((0, 4), np.float32) if boxes is None else boxes, do_cfg)
+        masks = [tile_mask(y, x, th, tw, lat_h, lat_w, cfg.tile_overlap).to(self.device) for y, x, th, tw in tiles]
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        for t in timesteps:
+            model_in = scheduler.scale_model_input(latents, t)
+            pred = torch.zeros_like(latents)
+            weight = torch.zeros(1, 1, lat_h, lat_w, device=self.device)
+            for c, cond in enumerate(conds):
+                chunk = tiles[c * cfg.tile_batch : (c + 1) * cfg.tile_batch]
+                lat = torch.cat([model_in[:, :, y : y + th, x : x + tw] for y, x, th, tw in chunk])
+                ctrl = torch.cat([src.region(y * f, (y + th) * f, x * f, (x + tw) * f) for y, x, th, tw in chunk])
+                eps = self.pipe.predict_noise(lat.to(self.dtype), t, ctrl.to(self.dtype), cond,
+                                              plan.guidance_scale, plan.conditioning_scale).float()
+                for k, (y, x, th, tw) in enumerate(chunk):
+                    m = masks[c * cfg.tile_batch + k]
+                    pred[:, :, y : y + th, x : x + tw] += eps[k : k + 1] * m
+                    weight[:, :, y : y + th, x : x + tw] += m
+            latents = scheduler.step(pred / weight, t, latents, **step_kwargs).prev_sample
+        fix = None
+        if cfg.color_fix == "wavelet":
+            def fix(pixels: torch.Tensor, top: int, left: int) -> torch.Tensor:
+                h, w = pixels.shape[-2:]
+                return wavelet_fix(pixels, src.region(top, top + h, left, left + w))
+        out = decode_tiled(self._decode, latents, vae_tile, cfg.tile_overlap, src.height, src.width, f, fix)
+        if cfg.color_fix == "adain":
+            adain_fix_uint8(out, reference_stats(src))
+        return out
+
+
+def reference_stats(src: BicubicSource, rows: int = 256) -> ChannelStats:
+    """Per-channel statistics of the bicubic upsample, computed in bands (AdaIN's reference)."""
+    stats = ChannelStats(3)
+    for y in range(0, src.height, rows):
+        band = src.region(y, min(y + rows, src.height), 0, src.width)[0].permute(1, 2, 0)
+        stats.update(((band + 1.0) * 127.5).cpu().numpy())
+    return stats

@@ -1,0 +1,184 @@
+"""Tiled latent diffusion, tiled VAE and colour fixes, against a model whose behaviour is known exactly.
+
+The fake pipeline has the SpatialSemanticSRPipeline inference interface: its "VAE" is an 8x average
+pool / bilinear upsample (per tile, so tile borders really are worse than tile centres) and its
+denoiser is an oracle for the control image's latent plus a random offset per tile and call, the
+kind of tile-to-tile disagreement that makes seams when predictions are not blended.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+
+from pipeline.config_upscale import UpscaleConfig
+from stages.color_fix import ChannelStats, adain_fix, adain_fix_uint8, wavelet_decomposition, wavelet_fix
+from stages.tiled_diffusion import TiledUpscaler, lr_window, padded_latent_size, realism_plan, regional_boxes
+from stages.tiled_vae import BicubicSource, bicubic_upsample, decode_tiled, latent_tiles
+from stages.tiling import tile_starts
+
+
+def _to_latent(pixels: torch.Tensor) -> torch.Tensor:
+    pooled = F.avg_pool2d(pixels.float(), 8)
+    return torch.cat([pooled, pooled.mean(dim=1, keepdim=True)], dim=1)
+
+
+class FakeVAE:
+    config = SimpleNamespace(scaling_factor=1.0, shift_factor=None)
+
+    def encode(self, x):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=_to_latent(x)))
+
+    def decode(self, z):
+        return SimpleNamespace(sample=F.interpolate(z[:, :3], scale_factor=8, mode="bilinear", align_corners=False))
+
+
+class FakePipe:
+    vae_scale_factor = 8
+
+    def __init__(self, bias: float = 0.3):
+        self.vae = FakeVAE()
+        self.scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       clip_sample=False, set_alpha_to_one=True, steps_offset=1)
+        self.bias = bias
+        self.rng = torch.Generator().manual_seed(0)
+        self.calls: list[dict] = []
+
+    def encode_conditioning(self, lr, prompts_high, prompts_low, phrases, boxes, negative_prompt, do_cfg):
+        self.calls.append({"lr": lr, "high": prompts_high, "phrases": phrases, "boxes": boxes, "do_cfg": do_cfg})
+        return SimpleNamespace(batch=len(lr))
+
+    def predict_noise(self, latents, t, control_image, cond, guidance_scale, conditioning_scale=1.0):
+        assert latents.shape[0] == control_image.shape[0] == cond.batch
+        assert control_image.shape[-2:] == (latents.shape[-2] * 8, latents.shape[-1] * 8)
+        x0 = _to_latent(control_image) + self.bias * (torch.rand(len(latents), 1, 1, 1, generator=self.rng) - 0.5)
+        ab = self.scheduler.alphas_cumprod[int(t)]
+        return (latents - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+
+def _cfg(**kw) -> UpscaleConfig:
+    base = {"steps": 4, "tile_size": 16, "tile_overlap": 8, "tile_batch": 3, "color_fix": "none", "realism": 1.0}
+    return UpscaleConfig(**{**base, **kw})
+
+
+def test_odd_sizes_give_exact_output_sizes():
+    lr = np.random.default_rng(0).integers(0, 256, (333, 517, 3), dtype=np.uint8)
+    out = TiledUpscaler(FakePipe(), _cfg(tile_size=64, tile_overlap=16, tile_batch=8))(lr, seed=1)
+    assert out.shape == (333 * 4, 517 * 4, 3) and out.dtype == np.uint8
+
+
+def test_each_tile_gets_its_own_region_and_boxes():
+    lr = np.random.default_rng(1).integers(0, 256, (40, 72, 3), dtype=np.uint8)
+    pipe = FakePipe()
+    boxes = np.array([[0.0, 0.0, 0.2, 0.3], [0.7, 0.6, 1.0, 1.0]], np.float32)
+    TiledUpscaler(pipe, _cfg())(lr, "a cat", "", ["cat", "dog"], boxes, seed=0)
+    crops = [c for call in pipe.calls for c in call["lr"]]
+    tiles = latent_tiles(*padded_latent_size(160, 288, 8), 16, 8)
+    assert len(crops) == len(tiles) and all(c.shape == crops[0].shape for c in crops)
+    phrases = [p for call in pipe.calls for p in call["phrases"]]
+    assert phrases[0] == ["cat"] and phrases[-1] == ["dog"], "corner boxes reach only the corner tiles"
+    assert all(call["high"] == ["a cat"] * len(call["lr"]) for call in pipe.calls)
+    first = pipe.calls[0]["boxes"][0][0]
+    top, left, ch, cw = lr_window(0, 0, 16, 16, 8, 4, 40, 72)
+    np.testing.assert_allclose(first, [0, 0, 0.2 * 72 / cw, 0.3 * 40 / ch], rtol=1e-5)
+
+
+def test_no_seams_on_a_smooth_gradient():
+    h, w = 48, 104
+    yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+    lr = (np.stack([xx, yy, (xx + yy) / 2], axis=-1) * 200 + 20).astype(np.uint8)
+    out = TiledUpscaler(FakePipe(bias=0.3), _cfg())(lr, seed=3).astype(np.float64)
+    jumps = np.abs(np.diff(out, axis=1)).max(axis=(0, 2))
+    lat_w = padded_latent_size(h * 4, w * 4, 8)[1]
+    starts = tile_starts(lat_w, 16, 8)
+    borders = {8 * s for s in starts} | {8 * (s + 16) for s in starts}
+    borders = {b for b in borders if 4 < b < w * 4 - 5}
+    inner = [j for i, j in enumerate(jumps) if all(abs(i + 1 - b) > 4 for b in borders) and 4 < i < w * 4 - 5]
+    across = [jumps[b - 1] for b in borders]
+    assert max(across) <= max(inner), (max(across), max(inner))
+    # the unblended tile offsets are ~38 grey levels; blended they must stay a gentle ramp
+    assert max(inner) < 12
+
+
+def test_realism_moves_strength_steps_and_guidance_monotonically():
+    plans = [realism_plan(r, 20, 5.5, 1.0) for r in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    for a, b in zip(plans, plans[1:], strict=False):
+        assert a.strength < b.strength and a.steps <= b.steps and a.guidance_scale < b.guidance_scale
+        assert a.conditioning_scale > b.conditioning_scale
+    assert plans[-1].strength == 1.0 and plans[-1].steps == 20 and plans[-1].guidance_scale == 5.5
+    assert plans[0].guidance_scale == 1.0 and plans[0].steps >= 1
+    with pytest.raises(ValueError, match="realism"):
+        realism_plan(1.5, 20, 5.5, 1.0)
+
+
+def test_faithful_end_with_an_oracle_stays_at_the_bicubic_upsample():
+    lr = np.random.default_rng(2).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    pipe = FakePipe(bias=0.0)
+    out = TiledUpscaler(pipe, _cfg(realism=0.0))(lr, seed=0).astype(np.float64)
+    # the oracle's x0 is the 8x pooled upsample: the output is that, decoded bilinearly
+    ref = bicubic_upsample(lr, 4).astype(np.float64)
+    pooled = F.interpolate(F.avg_pool2d(torch.from_numpy(ref).permute(2, 0, 1)[None], 8), scale_factor=8,
+                           mode="bilinear")[0].permute(1, 2, 0).numpy()
+    assert np.abs(out - pooled)[8:-8, 8:-8].mean() < 1.0
+    assert not pipe.calls[0]["do_cfg"], "realism 0 runs without guidance"
+
+
+def test_bicubic_regions_equal_the_global_upsample():
+    lr = np.random.default_rng(3).integers(0, 256, (29, 47, 3), dtype=np.uint8)
+    src = BicubicSource(lr, 3)
+    full = F.interpolate(src.lr, scale_factor=3, mode="bicubic", align_corners=False).clamp(-1, 1)
+    for y0, x0 in [(0, 0), (13, 70), (40, 101)]:
+        region = src.region(y0, y0 + 48, x0, x0 + 48)
+        vy, vx = min(48, 87 - y0), min(48, 141 - x0)
+        assert region.shape == (1, 3, 48, 48)
+        torch.testing.assert_close(region[..., :vy, :vx], full[..., y0 : y0 + vy, x0 : x0 + vx], atol=1e-5, rtol=0)
+        assert torch.equal(region[..., vy:, :vx], region[..., vy - 1 : vy, :vx].expand_as(region[..., vy:, :vx]))
+
+
+def test_streamed_decode_equals_a_whole_image_decode():
+    lat = torch.rand(1, 4, 40, 56) * 2 - 1
+    decode = lambda z: F.interpolate(z[:, :3], scale_factor=8, mode="nearest")  # noqa: E731
+    out = decode_tiled(decode, lat, 16, 4, 317, 445)
+    ref = ((decode(lat)[0].permute(1, 2, 0)[:317, :445] + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+    assert out.shape == (317, 445, 3) and np.array_equal(out, ref)
+
+
+def test_wavelet_fix_takes_colour_from_reference_and_detail_from_content():
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 96), torch.linspace(0, 1, 96), indexing="ij")
+    reference = torch.stack([xx, yy, xx * yy])[None] * 0.5
+    detail = 0.1 * torch.sign(torch.sin(xx * 96 * np.pi / 2))[None, None].expand(1, 3, 96, 96)
+    content = reference + 0.4 + detail  # a colour cast plus fine detail
+    fixed = wavelet_fix(content, reference)
+    high_c, low_c = wavelet_decomposition(content)
+    high_f, low_f = wavelet_decomposition(fixed)
+    _, low_r = wavelet_decomposition(reference)
+    assert (fixed - reference).mean().abs() < 0.01, "the colour cast is gone"
+    torch.testing.assert_close(high_f[..., 32:-32, 32:-32], high_c[..., 32:-32, 32:-32], atol=0.02, rtol=0)
+    assert (low_f - low_r)[..., 32:-32, 32:-32].abs().max() < 0.02
+
+
+def test_adain_in_bands_matches_the_whole_image_version():
+    rng = np.random.default_rng(4)
+    image = rng.integers(40, 120, (70, 50, 3), dtype=np.uint8)
+    reference = rng.integers(0, 256, (35, 25, 3)).astype(np.float64)
+    stats = ChannelStats(3)
+    stats.update(reference[:10])
+    stats.update(reference[10:])
+    banded = image.copy()
+    adain_fix_uint8(banded, stats, rows=16)
+    to_t = lambda a: torch.from_numpy(a.astype(np.float64)).permute(2, 0, 1)[None]  # noqa: E731
+    whole = adain_fix(to_t(image), to_t(reference))[0].permute(1, 2, 0).numpy()
+    assert np.abs(banded - np.clip(np.rint(whole), 0, 255)).max() <= 1
+    np.testing.assert_allclose(banded.reshape(-1, 3).mean(0), reference.reshape(-1, 3).mean(0), atol=0.6)
+
+
+def test_regional_boxes_clip_renormalize_and_drop():
+    phrases, boxes = regional_boxes(["a", "b", "c"], np.array([[0.1, 0.1, 0.4, 0.4], [0.45, 0.0, 0.55, 0.5],
+                                                               [0.9, 0.9, 1.0, 1.0]]), (0.0, 0.0, 0.5, 0.5))
+    assert phrases == ["a", "b"]
+    np.testing.assert_allclose(boxes, [[0.2, 0.2, 0.8, 0.8], [0.9, 0.0, 1.0, 1.0]], atol=1e-6)
