@@ -1,0 +1,228 @@
+"""``train_loop_per_worker`` and the per-worker dataset factory that Ray Train calls.
+
+The loop is thin: build the runner, resume from the newest complete checkpoint, then feed it
+``grad_accum`` batches per step from this worker's stream, logging on rank 0 and checkpointing every
+``train.checkpoint_every`` steps. The dataset factory runs on Ray Train's controller each time a worker
+group starts (first launch and every restart after a failure), so the streams always start at the
+checkpoint the workers load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import Config, config_to_yaml, validate_config
+from training.checkpoints import (
+    TrainState,
+    checkpoint_name,
+    fetch_checkpoint,
+    inject_fault_once,
+    latest_checkpoint,
+    open_run,
+    publish_export,
+    resume_point,
+)
+from training.data import ShardPlan, rank_dataset, to_torch, val_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything a worker needs besides the config; plain data, shipped by Ray to every worker."""
+
+    config: dict[str, Any]        # the resolved config (model_dump)
+    plan: ShardPlan
+    paths: dict[str, str]         # model name -> local path or hub id
+    max_boxes: int
+    fault_at_step: int | None = None
+
+    @property
+    def cfg(self) -> Config:
+        return validate_config(self.config)
+
+
+def _start_state(spec: LaunchSpec, world: int) -> tuple[TrainState, str | None, int]:
+    cfg = spec.cfg
+    t = cfg.train
+    steps_per_epoch = spec.plan.steps_per_epoch(world, t.batch_size * t.grad_accum)
+    found = latest_checkpoint(open_run(cfg.output, cfg.storage.endpoint_url, cfg.storage.region))
+    state = resume_point(found[1] if found else None, world, t.batch_size, t.grad_accum, steps_per_epoch)
+    return state, (found[0] if found else None), steps_per_epoch
+
+
+def build_datasets(spec: LaunchSpec) -> dict[str, Any]:
+    """Dataset factories by name: ``resume-R`` (rest of the current epoch), ``epoch-R`` (a full epoch), ``val``."""
+    cfg = spec.cfg
+    t, world = cfg.train, cfg.train.num_workers
+    common = dict(max_boxes=spec.max_boxes, decode_num_cpus=t.decode_num_cpus,
+                  endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+
+    def resume(rank: int):
+        state, _, per_epoch = _start_state(spec, world)
+        todo = min(per_epoch - state.epoch_step, max(t.max_steps - state.step, 1))
+        return rank_dataset(spec.plan, rank, world, t.batch_size, t.grad_accum, state.epoch_step, todo, **common)
+
+    def epoch(rank: int):
+        per_epoch = spec.plan.steps_per_epoch(world, t.batch_size * t.grad_accum)
+        return rank_dataset(spec.plan, rank, world, t.batch_size, t.grad_accum, 0, per_epoch, **common)
+
+    out: dict[str, Any] = {}
+    for rank in range(world):
+        out[f"resume-{rank}"] = lambda rank=rank: resume(rank)
+        out[f"epoch-{rank}"] = lambda rank=rank: epoch(rank)
+    if spec.plan.val:
+        out["val"] = lambda: val_dataset(spec.plan, batch_size=t.batch_size, **common)
+    return out
+
+
+def _batches(iterator, cfg: Config, device):
+    for batch in iterator.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
+                                       prefetch_batches=cfg.train.prefetch_batches, drop_last=True):
+        yield to_torch(batch, device)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry (``config = {"spec": LaunchSpec}``): resume, train to ``train.max_steps``, checkpoint."""
+    spec: LaunchSpec = config["spec"]
+    import ray.train
+    import ray.train.torch
+
+    cfg = spec.cfg
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    from training.runner import Runner, set_accelerator
+
+    set_accelerator(t.use_gpu)
+    device = ray.train.torch.get_device()
+    run = open_run(cfg.output, cfg.storage.endpoint_url, cfg.storage.region)
+    runner = Runner(cfg, spec.paths, rank, world, device)
+    start, found, _ = _start_state(spec, world)
+    if found:
+        local, temporary = fetch_checkpoint(run, found, rank)
+        runner.load_checkpoint(local)
+        if temporary:
+            shutil.rmtree(local, ignore_errors=True)
+        if rank == 0:
+            log.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", found, start.step,
+                     start.epoch, start.epoch_step)
+    runner.state = start
+    reporter = None
+    if rank == 0:
+        from training.reporting import RunLog
+
+        reporter = RunLog(run, start.step)
+    val = [to_torch(b, device) for b in spec_val_batches(spec, cfg)] if spec.plan.val else []
+    samples_batch = None
+    seen_since_log, wait_since_log, t_log = 0, 0.0, time.perf_counter()
+
+    def checkpoint(final: bool) -> None:
+        folder = tempfile.mkdtemp(prefix="ckpt-")
+        runner.save_checkpoint(folder)
+        if t.export_with_checkpoint or final:
+            export_and_sample(publish=True)
+        ray.train.report({"step": runner.state.step}, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=checkpoint_name(runner.state.step))
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def export_and_sample(publish: bool) -> None:
+        exported = runner.export()  # collective under ZeRO-3
+        if rank == 0:
+            if publish:
+                publish_export(exported, run, config_to_yaml(cfg), runner.state.step)
+            _samples(exported, samples_batch, runner.state.step, cfg, run, reporter)
+            shutil.rmtree(exported, ignore_errors=True)
+
+    if val and start.step == 0:
+        scores = runner.validate(val)  # every rank: ZeRO-3 gathers parameters collectively
+        if reporter is not None:
+            reporter.log(0, scores)
+    iterator = ray.train.get_dataset_shard(f"resume-{rank}")
+    while runner.state.step < t.max_steps:
+        micro: list[dict[str, Any]] = []
+        t_wait = time.perf_counter()
+        for batch in _batches(iterator, cfg, device):
+            micro.append(batch)
+            if len(micro) < t.grad_accum:
+                continue
+            wait_since_log += time.perf_counter() - t_wait
+            if samples_batch is None and rank == 0:
+                samples_batch = micro[0]
+            metrics = runner.train_step(micro)
+            micro = []
+            seen_since_log += t.batch_size * t.grad_accum * world
+            step = runner.state.step
+            last = step >= t.max_steps
+            due_ckpt = step % t.checkpoint_every == 0 or last
+            due_val = bool(val) and (due_ckpt or (t.validate_every and step % t.validate_every == 0))
+            if due_val:
+                metrics.update(runner.validate(val))
+            if step % t.log_every == 0 or last or due_val:
+                elapsed = time.perf_counter() - t_log
+                metrics.update(samples_per_s=seen_since_log / elapsed, data_wait_share=wait_since_log / elapsed,
+                               epoch=runner.state.epoch)
+                if reporter is not None:
+                    reporter.log(step, metrics)
+                seen_since_log, wait_since_log, t_log = 0, 0.0, time.perf_counter()
+            if due_ckpt:
+                checkpoint(final=last)
+            elif t.sample_every and step % t.sample_every == 0:
+                export_and_sample(publish=False)
+            if due_ckpt or due_val:
+                t_log = time.perf_counter()  # throughput figures exclude checkpoint, export and validation time
+            if spec.fault_at_step is not None and step == spec.fault_at_step and rank == world - 1:
+                inject_fault_once(run, step, rank)
+            if last:
+                break
+            t_wait = time.perf_counter()
+        if runner.state.step >= t.max_steps:
+            break
+        runner.next_epoch()
+        iterator = ray.train.get_dataset_shard(f"epoch-{rank}")
+    if reporter is not None:
+        reporter.close()
+    _shutdown()
+
+
+def spec_val_batches(spec: LaunchSpec, cfg: Config):
+    import ray.train
+
+    return ray.train.get_dataset_shard("val").iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy")
+
+
+def _samples(export_dir: str, batch: dict[str, Any] | None, step: int, cfg: Config, run, reporter) -> None:
+    """Rank 0: LR | output | HR grid from the freshly exported pipeline (so the export is exercised too)."""
+    if batch is None:
+        return
+    from training.reporting import render_samples, write_png
+    from training.sr_pipeline import SpatialSemanticSRPipeline
+
+    try:
+        pipe = SpatialSemanticSRPipeline.from_pretrained(export_dir)
+        pipe.set_progress_bar_config(disable=True)
+        grid = render_samples(pipe, batch, cfg.train.num_samples, cfg.train.sample_steps, cfg.train.seed)
+    except Exception:  # a broken grid must not kill a long run; the export itself was already published
+        log.exception("sample grid at step %d failed", step)
+        return
+    url = write_png(run, f"samples/step-{step:08d}.png", grid)
+    if reporter is not None:
+        reporter.add_image("samples", grid, step)
+    log.info("sample grid: %s", url)
+
+
+def _shutdown() -> None:
+    """End cleanly: torch + gloo can abort at exit unless every rank meets once more."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,139 @@
+"""Rank 0's run log: RUN_URI/metrics.jsonl, TensorBoard event files and LR | output | HR sample grids.
+
+``metrics.jsonl`` holds one JSON object per logged step (``step``, every loss term, ``lr``,
+``samples_per_s``, ``data_wait_share``, ...). A resumed run first drops the lines past its checkpoint,
+so the file always reads as one uninterrupted run. Files are rewritten whole (atomic locally, one PUT
+on S3); TensorBoard writes to a local folder that is mirrored into RUN_URI/tensorboard/.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.storage import LocalStore, Store
+
+log = logging.getLogger(__name__)
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+SAMPLES = "samples"
+
+
+def read_metrics(run: Store) -> list[dict[str, Any]]:
+    """The lines of RUN_URI/metrics.jsonl (empty when absent)."""
+    if not run.exists(METRICS):
+        return []
+    return [json.loads(line) for line in run.read(METRICS).decode().splitlines() if line.strip()]
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible instead of invalid
+    return value
+
+
+class RunLog:
+    """metrics.jsonl + TensorBoard for rank 0, continuing after ``start_step`` on resume."""
+
+    def __init__(self, run: Store, start_step: int):
+        self.run = run
+        self.lines = [m for m in read_metrics(run) if int(m.get("step", 0)) <= start_step]
+        if isinstance(run, LocalStore):
+            self._tb_local, self._mirror = run.root / TENSORBOARD, False
+        else:
+            self._tb_local, self._mirror = Path(tempfile.mkdtemp(prefix="tb-")), True
+        self._writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self._tb_local), purge_step=start_step + 1 if start_step else None)
+        except ImportError:  # tensorboard is a dependency; a stripped install still trains
+            log.warning("tensorboard is not installed: no TensorBoard logs")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Append one line to metrics.jsonl and one scalar per metric to TensorBoard."""
+        line = {"step": step, **{k: _clean(v) for k, v in sorted(metrics.items())}}
+        self.lines.append(line)
+        body = "".join(json.dumps(m, sort_keys=True) + "\n" for m in self.lines)
+        self.run.write(METRICS, body.encode())
+        if self._writer is not None:
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._writer.add_scalar(name, value, step)
+            self._writer.flush()
+            self._sync()
+
+    def _sync(self) -> None:
+        if not self._mirror:
+            return
+        target = self.run.child(TENSORBOARD)
+        for path in sorted(self._tb_local.rglob("*")):
+            if path.is_file():
+                target.write(path.relative_to(self._tb_local).as_posix(), path.read_bytes())
+
+    def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
+        if self._writer is not None:
+            self._writer.add_image(tag, image, step, dataformats="HWC")
+            self._writer.flush()
+            self._sync()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._sync()
+
+
+def to_uint8(images: Any) -> np.ndarray:
+    """float ``[B,3,H,W]`` in [-1, 1] (tensor or array) -> uint8 ``[B,H,W,3]``."""
+    arr = np.asarray(images.detach().float().cpu() if hasattr(images, "detach") else images, dtype=np.float32)
+    return np.clip((arr + 1.0) * 127.5, 0, 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def sample_grid(lr: np.ndarray, output: np.ndarray, hr: np.ndarray) -> np.ndarray:
+    """Rows of LR (nearest-upsampled to HR size) | output | HR, uint8 ``[B*H, 3*W, 3]``."""
+    rows = []
+    for low, out, high in zip(lr, output, hr, strict=True):
+        h, w = high.shape[:2]
+        up = np.asarray(Image.fromarray(low).resize((w, h), Image.NEAREST))
+        out = np.asarray(Image.fromarray(out).resize((w, h), Image.BICUBIC)) if out.shape[:2] != (h, w) else out
+        rows.append(np.concatenate([up, out, high], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def write_png(run: Store, rel: str, image: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    run.write(rel, buf.getvalue())
+    return run.url(rel)
+
+
+def render_samples(pipeline: Any, batch: dict[str, Any], num: int, steps: int, seed: int) -> np.ndarray:
+    """Upscale the first ``num`` LR images of ``batch`` with ``pipeline``; returns the sample grid."""
+    import torch
+
+    lr = to_uint8(batch["lr"][:num])
+    hr = to_uint8(batch["hr"][:num])
+    outputs = []
+    for i in range(len(lr)):
+        phrases = batch["phrases"][i] if "phrases" in batch else None
+        boxes = None
+        if phrases:
+            boxes = batch["boxes"][i][: len(phrases)].detach().float().cpu().numpy().tolist()
+        out = pipeline(
+            lr[i], prompt=batch["caption_high"][i], prompt_low=batch["caption_low"][i], phrases=phrases or None,
+            boxes=boxes, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed + i),
+            output_type="np", upscale=hr.shape[1] // lr.shape[1],
+        )
+        image = np.asarray(out.images[0] if hasattr(out, "images") else out)
+        if image.dtype != np.uint8:
+            image = np.clip(image * 255.0, 0, 255).round().astype(np.uint8)
+        outputs.append(image)
+    return sample_grid(lr, np.stack(outputs), hr)
