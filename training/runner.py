@@ -221,5 +221,13 @@ class Runner:
 
 
 def set_accelerator(use_gpu: bool) -> None:
-    """DeepSpeed picks its accelerator at import: CPU runs need DS_ACCELERATOR=cpu before ``import deepspeed``."""
+    """DeepSpeed picks its accelerator at import: CPU runs need DS_ACCELERATOR=cpu before ``import deepspeed``.
+
+    On CPU, DeepSpeed's shared-memory all-reduce is a C++ op compiled at run time (30-50 s per fresh
+    machine) and can hang peers on CPUs without AVX-512; gloo does the collectives instead.
+    """
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
+    if not use_gpu:
+        import deepspeed.comm.torch as ds_torch
+
+        ds_torch.build_shm_op = lambda: None
