@@ -20,6 +20,8 @@ class TrainConfig(_Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one process per GPU, or per CPU slot)")
     use_gpu: bool = Field(False, description="one GPU per worker; false: CPU workers with gloo")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker (fractional on small machines)")
+    resources: dict[str, float] = Field(default_factory=dict,
+                                        description="extra Ray resources per worker, e.g. {train_node: 1} (cluster.yaml)")
     # optimization (XPSR: AdamW, lr 5e-5, weight decay 1e-2)
     batch_size: int = Field(4, ge=1, description="samples per worker per micro-step")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")

@@ -62,7 +62,7 @@ def build_trainer(cfg: Config, spec: LaunchSpec):
 
     t = cfg.train
     storage_path, filesystem = ray_storage(cfg.output, cfg.storage.endpoint_url, cfg.storage.region)
-    resources = {"CPU": t.cpus_per_worker}
+    resources = {"CPU": t.cpus_per_worker, **t.resources}
     run_config = RunConfig(
         name="checkpoints", storage_path=storage_path, storage_filesystem=filesystem,
         failure_config=FailureConfig(max_failures=t.max_failures),
