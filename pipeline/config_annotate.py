@@ -35,7 +35,8 @@ class StagePoolConfig(_Section):
     num_gpus: float = Field(0.0, ge=0)
     num_cpus: float = Field(0.5, gt=0)
     pool_size: int = Field(1, ge=1)
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, description="micro-batch inside a shard (rows per model call)")
+    compile: bool = Field(False, description="GPU: torch.compile the stage's models (static KV cache for LLaVA)")
 
 
 class CaptionsConfig(StagePoolConfig):

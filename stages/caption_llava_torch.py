@@ -7,6 +7,8 @@ as ``liuhaotian/llava-v1.5-7b`` and decodes greedily with the ``llava_v1`` conve
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -53,8 +55,11 @@ class LlavaTorch:
         conv.append_message(conv.roles[1], None)
         return conv.get_prompt()
 
+    def caption(self, images: list[np.ndarray], prompts: Sequence[str]) -> list[list[str]]:
+        return [self._caption(images, p) for p in prompts]
+
     @torch.no_grad()
-    def caption(self, images: list[np.ndarray], prompt: str) -> list[str]:
+    def _caption(self, images: list[np.ndarray], prompt: str) -> list[str]:
         from PIL import Image
 
         pil = [Image.fromarray(np.asarray(im, np.uint8)) for im in images]

@@ -12,6 +12,7 @@ default) or ``llava_torch`` (the original LLaVA code, the optional ``llava`` ext
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,40 +27,47 @@ FAIL_KEY_ENV = "PIPELINE_FAIL_KEY"  # test hook: the captions stage fails on the
 
 
 class CaptionBackend(Protocol):
-    def caption(self, images: list[np.ndarray], prompt: str) -> list[str]:
-        """One greedy caption per image for ``prompt``."""
+    def caption(self, images: list[np.ndarray], prompts: Sequence[str]) -> list[list[str]]:
+        """Greedy captions: for each prompt, one per image."""
 
 
 class TransformersLlava:
     """LLaVA through transformers: ``AutoProcessor`` (chat template, image tokens) + ``LlavaForConditionalGeneration``."""
 
-    def __init__(self, path: str, device: str, dtype: torch.dtype, max_new_tokens: int):
+    def __init__(self, path: str, device: str, dtype: torch.dtype, max_new_tokens: int, compile: bool = False):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         self.processor = AutoProcessor.from_pretrained(path)
         self.processor.tokenizer.padding_side = "left"  # decoder-only generation continues on the right
         self.model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
         self.max_new_tokens = max_new_tokens
+        # a static KV cache lets generate compile the decoding step: 1.5x on an H100 after a ~50 s compile
+        self.cache = {"cache_implementation": "static"} if compile else {}
 
     def prompt_text(self, prompt: str) -> str:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
 
     @torch.no_grad()
-    def caption(self, images: list[np.ndarray], prompt: str) -> list[str]:
-        text = self.prompt_text(prompt)
-        inputs = self.processor(images=images, text=[text] * len(images), padding=True, return_tensors="pt")
+    def caption(self, images: list[np.ndarray], prompts: Sequence[str]) -> list[list[str]]:
+        # every (prompt, image) pair in one left-padded generate: decoding is bound by reading the
+        # weights, so twice the rows cost far less than twice the calls
+        texts = [self.prompt_text(p) for p in prompts for _ in images]
+        inputs = self.processor(images=list(images) * len(prompts), text=texts, padding=True, return_tensors="pt")
         inputs = inputs.to(self.model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
+        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
+                                  **self.cache)
         new = out[:, inputs["input_ids"].shape[1] :]
-        return [" ".join(s.split()) for s in self.processor.batch_decode(new, skip_special_tokens=True)]
+        decoded = [" ".join(s.split()) for s in self.processor.batch_decode(new, skip_special_tokens=True)]
+        return [decoded[k * len(images) : (k + 1) * len(images)] for k in range(len(prompts))]
 
 
-def make_backend(name: str, path: str, device: str, dtype: torch.dtype, max_new_tokens: int) -> CaptionBackend:
+def make_backend(name: str, path: str, device: str, dtype: torch.dtype, max_new_tokens: int,
+                 compile: bool = False) -> CaptionBackend:
     """The caption backend ``annotate.captions.backend`` names."""
     if name == "transformers":
-        return TransformersLlava(path, device, dtype, max_new_tokens)
+        return TransformersLlava(path, device, dtype, max_new_tokens, compile)
     if name == "llava_torch":
         from stages.caption_llava_torch import LlavaTorch
 
@@ -78,7 +86,7 @@ class Captioner(AnnotationStage):
         self.cfg = c
         self.model = model_id(cfg.models, "llava")
         self.backend = backend or make_backend(
-            c.backend, paths["llava"], cfg.models.device, torch_dtype(cfg.models.dtype), c.max_new_tokens
+            c.backend, paths["llava"], cfg.models.device, torch_dtype(cfg.models.dtype), c.max_new_tokens, c.compile
         )
         self.fail_key = os.environ.get(FAIL_KEY_ENV)
 
@@ -88,8 +96,7 @@ class Captioner(AnnotationStage):
                 raise RuntimeError(f"injected failure for key {self.fail_key} ({FAIL_KEY_ENV})")
         column = "hr" if self.cfg.on == "hr" and "hr" in batch else "lr"
         images = [np.asarray(batch[column][i], np.uint8) for i in rows]
-        high = self.backend.caption(images, self.cfg.high_prompt)
-        low = self.backend.caption(images, self.cfg.low_prompt)
+        high, low = self.backend.caption(images, [self.cfg.high_prompt, self.cfg.low_prompt])
         return [
             {"caption_high": h, "caption_low": lo, "objects": extract_objects(h, self.cfg.max_objects)}
             for h, lo in zip(high, low, strict=True)

@@ -32,6 +32,9 @@ class Embedder(AnnotationStage):
         self.model_id = f"{model_id(cfg.models, 'clip_vision')}+{model_id(cfg.models, 'dinov2')}"
         self.encoders = ImageEncoders.load(paths["clip_vision"], paths["dinov2"], cfg.models.device,
                                            torch_dtype(cfg.models.dtype))
+        if cfg.annotate.embeddings.compile:
+            self.encoders.clip = torch.compile(self.encoders.clip)
+            self.encoders.dino = torch.compile(self.encoders.dino)
         # output shapes for rows that are not processed: the encoders resize, so one probe fixes them
         probe = self.encoders.encode(np.zeros((1, 32, 32, 3), np.uint8))
         self.shapes = {k: tuple(v.shape[1:]) for k, v in probe.items()}

