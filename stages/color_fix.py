@@ -45,6 +45,30 @@ def wavelet_fix(content: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return (high + low).to(content.dtype)
 
 
+def frequency_merge(content: torch.Tensor, reference: torch.Tensor, levels: float) -> torch.Tensor:
+    """The first ``levels`` wavelet bands (finest first) from ``content``, the rest from ``reference``.
+
+    ``levels`` is continuous in [0, WAVELET_LEVELS + 1]: the band at the cut is mixed by its fraction;
+    ``WAVELET_LEVELS`` equals ``wavelet_fix``, ``WAVELET_LEVELS + 1`` returns ``content``. Both images
+    are decomposed and the differences of their bands added to ``reference``.
+    """
+    if not 0.0 <= levels <= WAVELET_LEVELS + 1:
+        raise ValueError(f"levels={levels} must lie in [0, {WAVELET_LEVELS + 1}]")
+    out = reference.float().clone()
+    c, r = content.float(), reference.float()
+    for i in range(WAVELET_LEVELS + 1):
+        weight = min(max(levels - i, 0.0), 1.0)
+        if weight == 0.0:
+            break
+        if i < WAVELET_LEVELS:
+            c_low, r_low = wavelet_blur(c, 2**i), wavelet_blur(r, 2**i)
+            out += weight * ((c - c_low) - (r - r_low))
+            c, r = c_low, r_low
+        else:  # the residual (colour and tone)
+            out += weight * (c - r)
+    return out.to(content.dtype)
+
+
 def _mean_std(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     flat = x.float().flatten(2)
     return flat.mean(dim=2)[..., None, None], (flat.var(dim=2) + eps).sqrt()[..., None, None]

@@ -27,6 +27,7 @@ EMPTY = np.zeros((0, 0, 3), np.uint8)
 
 def load_sr_pipeline(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
     """A saved ``SpatialSemanticSRPipeline`` (``save_pretrained`` folder), on ``device`` in ``dtype``."""
+    import training.model  # noqa: F401  (diffusers loads the ControlNet class only from imported modules)
     from training.sr_pipeline import SpatialSemanticSRPipeline
 
     if not Path(path, "model_index.json").is_file():
@@ -34,7 +35,7 @@ def load_sr_pipeline(path: str, device: str = "cpu", dtype: torch.dtype = torch.
             f"{path} is not a saved SpatialSemanticSRPipeline (no model_index.json); pass --model with "
             "a training export (RUN_URI/export) or leave it out to use the untrained tiny-profile build"
         )
-    pipe = SpatialSemanticSRPipeline.from_pretrained(path, torch_dtype=dtype)
+    pipe = SpatialSemanticSRPipeline.from_pretrained(path, dtype=dtype)
     pipe.to(device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)

@@ -8,7 +8,8 @@ diffusers scheduler works unchanged). Each tile is conditioned on its own region
 the captions describe the whole image and go to every tile.
 
 The model is any object with the ``SpatialSemanticSRPipeline`` inference interface: ``vae``,
-``vae_scale_factor``, ``scheduler``, ``encode_conditioning(...)`` and ``predict_noise(...)``.
+``vae_scale_factor``, ``scheduler``, ``encode_conditioning(...)`` and ``predict_noise(...)``; the
+latter applies ``pipe.scheduler.scale_model_input`` itself, so the sampler installs its scheduler there.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.config_upscale import UpscaleConfig
-from stages.color_fix import ChannelStats, adain_fix_uint8, wavelet_fix
+from stages.color_fix import WAVELET_LEVELS, ChannelStats, adain_fix_uint8, frequency_merge
 from stages.tiled_vae import BicubicSource, decode_tiled, encode_tiled, latent_tiles, tile_mask
 
 UNET_MULTIPLE = 8  # latent sides are padded to this (the UNet downsamples 3 times)
@@ -37,6 +38,7 @@ class RealismPlan:
     steps: int  # denoising steps actually run (the tail of the ``steps``-step schedule)
     guidance_scale: float
     conditioning_scale: float
+    model_levels: float  # wavelet bands (finest first) taken from the model; the coarser ones from the input
 
 
 def realism_plan(realism: float, steps: int, guidance_scale: float, conditioning_scale: float) -> RealismPlan:
@@ -48,7 +50,8 @@ def realism_plan(realism: float, steps: int, guidance_scale: float, conditioning
     guidance = 1.0 + (guidance_scale - 1.0) * realism
     # at low realism the LR control pulls harder (up to 1.25x), at full realism it is the configured scale
     control = conditioning_scale * (1.0 + 0.25 * (1.0 - realism))
-    return RealismPlan(strength, run, guidance, control)
+    levels = 1.0 + WAVELET_LEVELS * realism  # 1: only the finest detail is generated; 6: all of the image
+    return RealismPlan(strength, run, guidance, control, levels)
 
 
 def make_scheduler(name: str, base: Any) -> Any:
@@ -165,8 +168,10 @@ class TiledUpscaler:
                                    np.zeros((0, 4), np.float32) if boxes is None else boxes, do_cfg)
         masks = [tile_mask(y, x, th, tw, lat_h, lat_w, cfg.tile_overlap).to(self.device) for y, x, th, tw in tiles]
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        # predict_noise scales its input with the pipeline's scheduler (Euler's sigma scaling): make it ours
+        self.pipe.scheduler = scheduler
         for t in timesteps:
-            model_in = scheduler.scale_model_input(latents, t)
+            model_in = latents
             pred = torch.zeros_like(latents)
             weight = torch.zeros(1, 1, lat_h, lat_w, device=self.device)
             for c, cond in enumerate(conds):
@@ -180,11 +185,15 @@ class TiledUpscaler:
                     pred[:, :, y : y + th, x : x + tw] += eps[k : k + 1] * m
                     weight[:, :, y : y + th, x : x + tw] += m
             latents = scheduler.step(pred / weight, t, latents, **step_kwargs).prev_sample
-        fix = None
+        # realism's last term and the wavelet colour fix are one operation: which bands come from the model
+        levels = plan.model_levels
         if cfg.color_fix == "wavelet":
+            levels = min(levels, float(WAVELET_LEVELS))
+        fix = None
+        if levels < WAVELET_LEVELS + 1:
             def fix(pixels: torch.Tensor, top: int, left: int) -> torch.Tensor:
                 h, w = pixels.shape[-2:]
-                return wavelet_fix(pixels, src.region(top, top + h, left, left + w))
+                return frequency_merge(pixels, src.region(top, top + h, left, left + w), levels)
         out = decode_tiled(self._decode, latents, vae_tile, cfg.tile_overlap, src.height, src.width, f, fix)
         if cfg.color_fix == "adain":
             adain_fix_uint8(out, reference_stats(src))

@@ -28,7 +28,7 @@ class BicubicSource:
     """
 
     def __init__(self, lr: np.ndarray, scale: int, device: torch.device | str = "cpu"):
-        lr_t = torch.from_numpy(np.ascontiguousarray(lr)).to(device)
+        lr_t = torch.from_numpy(np.array(lr, dtype=np.uint8)).to(device)  # a writable copy
         self.lr = lr_t.permute(2, 0, 1)[None].float() / 127.5 - 1.0
         self.scale = scale
         self.h, self.w = lr.shape[:2]

@@ -1,0 +1,176 @@
+"""pipeline.upscale end to end on a real local Ray cluster with the untrained tiny-profile pipeline.
+
+One run over a folder of odd-sized photos in several formats (one large enough for dozens of tiles)
+plus one bad file of each kind; then re-runs (skip-existing, resume), S3 in and out through moto, and
+the realism knob and seams on the real model in-process.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.upscale import main
+from pipeline.upscale_model import resolve_model
+from stages.metrics import full_reference_metrics
+from stages.tiled_vae import bicubic_upsample
+from tests.conftest import _png_header_only, skimage_photo
+
+FAST = ["upscale.steps=2", "upscale.tile_size=16", "upscale.tile_overlap=4", "upscale.tile_batch=16"]
+# relative path -> (crop of a sample photo: rows, cols); odd sizes on purpose
+GOOD = {
+    "astronaut.jpg": ("astronaut.png", 45, 67),
+    "nested/coffee.png": ("coffee.png", 61, 90),
+    "nested/deeper/chelsea.webp": ("chelsea.png", 33, 51),
+    "large.png": ("coffee.png", 333, 517),
+}
+FORMATS = {".jpg": "JPEG", ".png": "PNG", ".webp": "WEBP"}
+BAD = {
+    "empty.png": "empty file",
+    "notes.jpg": "not an image",
+    "truncated.jpg": "truncated or corrupt data",
+    "tiny.png": "too small",
+    "bomb.png": "too many pixels",
+    "dangling.png": "unreadable path",
+}
+
+
+def _encode(img: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def write_inputs(folder: Path) -> None:
+    for rel, (name, h, w) in GOOD.items():
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_encode(skimage_photo(name)[:h, :w], FORMATS[path.suffix]))
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.jpg").write_bytes(b"not a picture\n" * 30)
+    (folder / "truncated.jpg").write_bytes(_encode(skimage_photo("chelsea.png"), "JPEG")[:2000])
+    (folder / "tiny.png").write_bytes(_encode(np.zeros((4, 4, 3), np.uint8), "PNG"))
+    (folder / "bomb.png").write_bytes(_png_header_only(20000, 20000))
+    os.symlink(folder / "gone.png", folder / "dangling.png")
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, ray_cluster):
+    root = tmp_path_factory.mktemp("upscale")
+    write_inputs(root / "in")
+    argv = ["--input", str(root / "in"), "--output", str(root / "out"), "--set", "upscale.scale=2"]
+    for item in FAST:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    return root, argv
+
+
+def test_outputs_keep_path_format_and_exact_size(first_run):
+    root, _ = first_run
+    for rel, (_, h, w) in GOOD.items():
+        with Image.open(root / "out" / rel) as im:
+            assert im.format == FORMATS[Path(rel).suffix], rel
+            assert im.size == (2 * w, 2 * h), rel
+            assert im.mode == "RGB"
+    summary = json.loads((root / "out" / "summary.json").read_text())
+    assert summary["upscaled"] == len(GOOD) and summary["skipped"] == 0 and summary["files"] == len(GOOD) + len(BAD)
+    assert summary["stages"][-1] == "diffuse" and "captions" in summary["stages"], "the annotation stages are reused"
+    expected_mp = sum(4 * h * w for _, h, w in GOOD.values()) / 1e6
+    assert summary["output_megapixels"] == pytest.approx(expected_mp, abs=1e-3)
+    assert summary["megapixels_per_s"] > 0
+    assert (root / "out" / "config.yaml").read_text().count("realism") == 1
+
+
+def test_bad_inputs_are_rejects_with_reasons(first_run):
+    root, _ = first_run
+    summary = json.loads((root / "out" / "summary.json").read_text())
+    assert {r["source"]: r["reason"] for r in summary["rejects"]} == BAD
+    assert summary["rejected"] == len(BAD)
+    assert not any((root / "out" / rel).exists() for rel in BAD)
+
+
+def test_rerun_skips_existing_and_finishes_the_rest(first_run):
+    root, argv = first_run
+    out = root / "out"
+    stamps = {rel: (out / rel).stat().st_mtime_ns for rel in GOOD}
+    (out / "nested/coffee.png").unlink()  # as if the job died before writing it
+    assert main(argv + ["--set", "upscale.stages=[]"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["upscaled"] == 1 and summary["skipped"] == len(GOOD) - 1
+    for rel, stamp in stamps.items():
+        if rel != "nested/coffee.png":
+            assert (out / rel).stat().st_mtime_ns == stamp, f"{rel} was rewritten"
+    with Image.open(out / "nested/coffee.png") as im:
+        assert im.size == (180, 122)
+
+
+def test_s3_input_output_and_model(bucket, s3_server, tmp_path, ray_cluster):
+    photo = skimage_photo("coffee.png")
+    s3_server.put_object(Bucket=bucket, Key="in/a.png", Body=_encode(photo[:40, :56], "PNG"))
+    s3_server.put_object(Bucket=bucket, Key="in/sub/b.jpg", Body=_encode(photo[100:137, 200:249], "JPEG"))
+    s3_server.put_object(Bucket=bucket, Key="in/broken.png", Body=b"\x89PNG\r\n\x1a\n broken")
+    # the model too comes from S3, as a training run's export would
+    model = Path(resolve_model(load_config()))
+    for path in model.rglob("*"):
+        if path.is_file():
+            s3_server.put_object(Bucket=bucket, Key=f"export/{path.relative_to(model)}", Body=path.read_bytes())
+    argv = ["--input", f"s3://{bucket}/in", "--output", f"s3://{bucket}/out", "--model", f"s3://{bucket}/export",
+            "--set", "upscale.stages=[]", "--set", f"models.cache_dir={tmp_path / 'cache'}"]
+    for item in FAST:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    keys = {o["Key"] for o in s3_server.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]}
+    assert {"out/a.png", "out/sub/b.jpg", "out/summary.json", "out/config.yaml"} <= keys
+    body = s3_server.get_object(Bucket=bucket, Key="out/sub/b.jpg")["Body"].read()
+    with Image.open(io.BytesIO(body)) as im:
+        assert im.format == "JPEG" and im.size == (49 * 4, 37 * 4)
+    summary = json.loads(s3_server.get_object(Bucket=bucket, Key="out/summary.json")["Body"].read())
+    assert summary["upscaled"] == 2 and summary["rejected_by_reason"] == {"not an image": 1}
+    assert summary["model"].startswith(str(tmp_path / "cache" / "remote"))
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from stages.diffuse import load_sr_pipeline
+
+    return load_sr_pipeline(resolve_model(load_config()))
+
+
+def _upscaler(pipe, **kw):
+    from stages.tiled_diffusion import TiledUpscaler
+
+    base = {"steps": 4, "tile_size": 16, "tile_overlap": 8, "color_fix": "none", "scale": 4}
+    return TiledUpscaler(pipe, load_config().upscale.model_copy(update={**base, **kw}))
+
+
+def test_psnr_to_bicubic_falls_as_realism_rises(tiny_pipe):
+    lr = cv2.resize(skimage_photo("astronaut.png"), (48, 40), interpolation=cv2.INTER_AREA)
+    reference = bicubic_upsample(lr, 4)
+    psnr = []
+    for realism in (0.0, 0.5, 1.0):
+        out = _upscaler(tiny_pipe, realism=realism)(lr, "a photo of an astronaut", "sharp", seed=7)
+        psnr.append(full_reference_metrics(out, reference, 4)["psnr_rgb"])
+    assert psnr[0] > psnr[1] > psnr[2], psnr
+
+
+def test_no_seams_with_the_real_model(tiny_pipe):
+    h, w = 24, 88
+    yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+    lr = (np.stack([xx, yy, 1 - xx], axis=-1) * 200 + 20).astype(np.uint8)
+    out = _upscaler(tiny_pipe, realism=0.3, color_fix="wavelet")(lr, seed=0).astype(np.float64)
+    from stages.tiled_diffusion import padded_latent_size
+    from stages.tiling import tile_starts
+
+    jumps = np.abs(np.diff(out, axis=1)).max(axis=(0, 2))
+    starts = tile_starts(padded_latent_size(h * 4, w * 4, 8)[1], 16, 8)
+    borders = {b for s in starts for b in (8 * s, 8 * (s + 16)) if 4 < b < w * 4 - 5}
+    inner = [j for i, j in enumerate(jumps) if all(abs(i + 1 - b) > 4 for b in borders) and 4 < i < w * 4 - 5]
+    assert max(jumps[b - 1] for b in borders) <= max(inner)
