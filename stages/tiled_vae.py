@@ -71,10 +71,15 @@ def _mask(th: int, tw: int, overlap: int, y_edges: tuple[bool, bool], x_edges: t
     return wy[:, None] * wx[None, :]
 
 
+def starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Tile offsets along one side; a side no longer than a tile is one tile, whatever the overlap."""
+    return [0] if size <= tile else tile_starts(size, tile, overlap)
+
+
 def latent_tiles(lat_h: int, lat_w: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
     """(y, x, th, tw) of the overlapping latent tiles covering ``lat_h`` x ``lat_w``, row by row."""
     th, tw = min(tile, lat_h), min(tile, lat_w)
-    return [(y, x, th, tw) for y in tile_starts(lat_h, th, overlap) for x in tile_starts(lat_w, tw, overlap)]
+    return [(y, x, th, tw) for y in starts(lat_h, tile, overlap) for x in starts(lat_w, tile, overlap)]
 
 
 def tile_mask(y: int, x: int, th: int, tw: int, lat_h: int, lat_w: int, overlap: int, factor: int = 1) -> torch.Tensor:
@@ -112,7 +117,7 @@ def decode_tiled(
     """
     _, _, lat_h, lat_w = latents.shape
     th, tw = min(tile, lat_h), min(tile, lat_w)
-    ys, xs = tile_starts(lat_h, th, overlap), tile_starts(lat_w, tw, overlap)
+    ys, xs = starts(lat_h, tile, overlap), starts(lat_w, tile, overlap)
     out = np.empty((out_h, out_w, 3), np.uint8)
     band_h, width = th * factor, lat_w * factor
     band = torch.zeros(3, band_h, width)

@@ -80,6 +80,12 @@ def test_odd_sizes_give_exact_output_sizes():
     assert out.shape == (333 * 4, 517 * 4, 3) and out.dtype == np.uint8
 
 
+def test_images_smaller_than_one_tile_and_overlap():
+    lr = np.random.default_rng(5).integers(0, 256, (5, 11, 3), dtype=np.uint8)
+    out = TiledUpscaler(FakePipe(), _cfg(tile_size=64, tile_overlap=16, color_fix="wavelet"))(lr, seed=0)
+    assert out.shape == (20, 44, 3)
+
+
 def test_each_tile_gets_its_own_region_and_boxes():
     lr = np.random.default_rng(1).integers(0, 256, (40, 72, 3), dtype=np.uint8)
     pipe = FakePipe()
