@@ -1,0 +1,197 @@
+"""The annotation stages in a plain loop on tiny checkpoints loaded by path: columns, rejects, determinism."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import tiny_sd
+from pipeline.config import CONFIG_DIR, load_config
+from pipeline.profiles import model_id, resolve_models
+from stages.annotations import AnnotationStage, extract_objects, members_to_annotations, row_to_members
+from stages.columns import object_array
+from stages.grounding import nms, phrase_token_spans, select_boxes
+
+HR, LR = 64, 16
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("models")
+    return load_config(None, [f"models.cache_dir={cache}", "annotate.captions.max_new_tokens=8",
+                              "annotate.captions.batch_size=2", "data.hr_size=64", "data.min_size=64"])
+
+
+@pytest.fixture(scope="module")
+def paths(cfg):
+    return resolve_models(cfg.models)
+
+
+def _batch(n: int = 5, hr: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    batch = {"key": object_array([f"img{i}" for i in range(n)]), "shard": np.array([0, 0, 0, 1, 1][:n]),
+             "lr": rng.integers(0, 256, (n, LR, LR, 3), dtype=np.uint8)}
+    if hr:
+        batch["hr"] = rng.integers(0, 256, (n, HR, HR, 3), dtype=np.uint8)
+    return batch
+
+
+@pytest.fixture(scope="module")
+def stages(cfg, paths):
+    from stages.captions import Captioner
+    from stages.embeddings import Embedder
+    from stages.encode import Encoder
+    from stages.grounding import Grounder
+
+    return [Captioner(cfg, paths), Grounder(cfg, paths), Embedder(cfg, paths), Encoder(cfg, paths)]
+
+
+def _run(stages, batch):
+    for stage in stages:
+        batch = stage(batch)
+    return batch
+
+
+@pytest.fixture(scope="module")
+def annotated(stages):
+    return _run(stages, _batch())
+
+
+def test_all_stages_add_their_columns_with_design_shapes(annotated):
+    out = annotated
+    assert list(out["status"]) == ["ok"] * 5
+    assert all(isinstance(c, str) and c for c in out["caption_high"]) and all(out["caption_low"])
+    for objects, phrases, boxes, scores in zip(out["objects"], out["phrases"], out["boxes"], out["scores"], strict=True):
+        assert set(phrases) <= set(objects) and len(phrases) == len(boxes) == len(scores) <= 8
+        assert np.asarray(boxes).reshape(-1, 4).min(initial=0) >= 0 and np.asarray(boxes).max(initial=1) <= 1
+    tokens = (tiny_sd.ENCODER_IMAGE_SIZE // 8) ** 2 + 1
+    assert out["clip_lr"].shape == (5, tokens, tiny_sd.CLIP_VISION_DIM) and out["clip_lr"].dtype == np.float16
+    assert out["dino_lr"].shape == (5, tokens, tiny_sd.DINO_DIM)
+    assert out["clip_hr"].shape == (5, tiny_sd.CLIP_VISION_DIM) and out["dino_hr"].shape == (5, tiny_sd.DINO_DIM)
+    assert out["text"].shape == (5, 2, 77, tiny_sd.TEXT_DIM) and out["text"].dtype == np.float16
+    assert out["latent"].shape == (5, 8, HR // 8, HR // 8) and out["latent"].dtype == np.float16
+    assert not np.array_equal(out["text"][:, 0], out["text"][:, 1])  # high and low captions differ
+
+
+def test_same_input_same_annotations(stages, annotated):
+    a, b = annotated, _run(stages, _batch())
+    for name in ("caption_high", "caption_low", "clip_lr", "dino_hr", "text", "latent"):
+        assert np.array_equal(np.stack(list(a[name])) if a[name].dtype == object else a[name],
+                              np.stack(list(b[name])) if b[name].dtype == object else b[name]), name
+
+
+def test_a_row_does_not_depend_on_the_other_shards_in_its_batch(stages, annotated):
+    both = annotated
+    alone = _run(stages, {k: v[3:] for k, v in _batch().items()})  # shard 1 only, as a resumed run sees it
+    assert list(alone["caption_high"]) == list(both["caption_high"][3:])
+    assert np.array_equal(alone["latent"], both["latent"][3:]) and np.array_equal(alone["text"], both["text"][3:])
+
+
+def test_injected_failure_rejects_one_row_and_later_stages_skip_it(cfg, paths, stages, monkeypatch):
+    from stages.captions import Captioner
+
+    monkeypatch.setenv("PIPELINE_FAIL_KEY", "img1")
+    out = _run([Captioner(cfg, paths), stages[3]], _batch())
+    assert list(out["status"]) == ["ok", "error", "ok", "ok", "ok"]
+    assert out["error"][1].startswith("captions: RuntimeError: injected failure for key img1")
+    assert out["caption_high"][1] == "" and out["caption_high"][0]
+    assert not out["latent"][1].any() and out["latent"][0].any()  # placeholder, same shape, never computed
+
+
+def test_without_hr_grounding_uses_upsampled_lr_and_hr_outputs_are_skipped(stages):
+    out = _run(stages, _batch(hr=False))
+    assert {"clip_hr", "dino_hr", "latent"}.isdisjoint(out) and out["text"].shape[0] == 5
+    assert all(len(p) == len(b) for p, b in zip(out["phrases"], out["boxes"], strict=True))
+
+
+def test_extract_objects_is_a_deterministic_phrase_splitter():
+    caption = "A man riding a red bicycle on the street, with two dogs and a red bicycle in the background."
+    assert extract_objects(caption, 8) == ["man", "red bicycle", "street", "dogs"]
+    assert extract_objects(caption, 2) == ["man", "red bicycle"]
+    assert extract_objects("The image quality is poor, blurry and noisy.", 8) == []
+
+
+def test_select_boxes_thresholds_nms_and_cap():
+    phrases = ["cat", "red car"]
+    spans = [[1], [3, 4]]  # token positions of each phrase
+    probs = torch.zeros(5, 6)
+    probs[0, 1], probs[1, 1], probs[2, 4], probs[3, 3], probs[4, 1] = 0.9, 0.8, 0.7, 0.3, 0.6
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.51, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2],
+                          [0.2, 0.2, 0.1, 0.1], [0.1, 0.1, 0.4, 0.4]])
+    names, xyxy, scores = select_boxes(probs, boxes, spans, phrases, 0.35, 0.25, 0.5, max_boxes=8)
+    # query 1 overlaps query 0 (same phrase): suppressed; query 2 overlaps too but is another phrase;
+    # query 3 is under the box threshold; query 4's box is clipped to the image
+    assert names == ["cat", "red car", "cat"] and scores.tolist() == pytest.approx([0.9, 0.7, 0.6])
+    assert xyxy[0].tolist() == pytest.approx([0.4, 0.4, 0.6, 0.6]) and xyxy[2].tolist() == pytest.approx([0, 0, 0.3, 0.3])
+    names, _, _ = select_boxes(probs, boxes, spans, phrases, 0.35, 0.25, 0.5, max_boxes=1)
+    assert names == ["cat"]
+
+
+def test_nms_and_token_spans():
+    boxes = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 0.9], [0, 0, 0.5, 0.5]], dtype=torch.float32)
+    keep = nms(boxes, torch.tensor([0.5, 0.9, 0.8]), torch.tensor([0, 0, 0]), 0.5)
+    assert keep.tolist() == [1, 2]
+    text = "cat . red car ."
+    offsets = [(0, 0), (0, 3), (4, 5), (6, 9), (10, 13), (14, 15), (0, 0)]
+    assert phrase_token_spans(offsets, text, ["cat", "red car"]) == [[1], [3, 4]]
+
+
+def test_members_round_trip_without_pickle(annotated):
+    row = {k: v[0] for k, v in annotated.items()}
+    members = row_to_members(row, {"captions": "llava-x", "grounding": "gdino-x"})
+    assert {"caption.json", "boxes.json", "clip_lr.npy", "dino_lr.npy", "clip_hr.npy", "dino_hr.npy",
+            "text.npy", "latent.npy"} == set(members)
+    for name in ("clip_lr", "text", "latent"):
+        arr = np.load(io.BytesIO(members[f"{name}.npy"]), allow_pickle=False)
+        assert arr.dtype == np.float16 and np.array_equal(arr, row[name])
+    back = members_to_annotations(members)
+    assert back["caption_high"] == row["caption_high"] and back["phrases"] == list(row["phrases"])
+    assert back["boxes"].shape == (len(row["phrases"]), 4)
+
+
+def test_stage_failure_protocol_retries_row_by_row():
+    class Flaky(AnnotationStage):
+        name = "flaky"
+
+        def process(self, batch, rows):
+            if any(batch["key"][i] == "bad" for i in rows):
+                raise ValueError("cannot handle this one")
+            return [{"value": np.full(2, i, np.float16)} for i in rows]
+
+        def placeholder(self, batch, row):
+            return {"value": np.zeros(2, np.float16)}
+
+    batch = {"key": object_array(["a", "bad", "c", "d"]), "status": object_array(["ok", "ok", "ok", "error"]),
+             "error": object_array(["", "", "", "read: earlier"])}
+    out = Flaky(batch_size=4)(batch)
+    assert list(out["status"]) == ["ok", "error", "ok", "error"]
+    assert list(out["error"]) == ["", "flaky: ValueError: cannot handle this one", "", "read: earlier"]
+    assert out["value"][:, 0].tolist() == [0, 0, 2, 0]
+
+
+def test_llava_torch_backend_without_the_package_is_a_clear_error(cfg, paths):
+    from stages.captions import Captioner
+
+    pytest.importorskip("transformers")
+    try:
+        import llava  # noqa: F401
+        pytest.skip("llava-torch is installed")
+    except ImportError:
+        pass
+    bad = cfg.model_copy(deep=True)
+    bad.annotate.captions.backend = "llava_torch"
+    with pytest.raises(ImportError, match=r"pip install 'spasem-sr\[llava\]'"):
+        Captioner(bad, paths)
+    bad.annotate.captions.backend = "nope"
+    with pytest.raises(ValueError, match="transformers"):
+        Captioner(bad, paths)
+
+
+def test_markers_name_models_not_cache_paths(cfg, paths):
+    assert model_id(cfg.models, "llava") == "tiny-v1/llava" and paths["llava"].endswith("llava")
+    real = load_config(CONFIG_DIR / "sd15.yaml")
+    assert model_id(real.models, "llava") == "llava-hf/llava-1.5-7b-hf"
+    assert load_config(CONFIG_DIR / "sd21.yaml").models.sd == "stabilityai/stable-diffusion-2-1"
