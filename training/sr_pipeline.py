@@ -14,6 +14,7 @@ per image, then ``predict_noise`` per latent tile and step.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -177,9 +178,11 @@ class SpatialSemanticSRPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
             latents = latents * self.scheduler.init_noise_sigma
         latents = latents.to(device, torch.float32)
+        # stochastic schedulers (DDPM, Euler ancestral) take the generator; the others reject it
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         for t in self.progress_bar(self.scheduler.timesteps):
             pred = self.predict_noise(latents, t, control, cond, guidance_scale, conditioning_scale)
-            latents = self.scheduler.step(pred.float(), t, latents, generator=generator).prev_sample
+            latents = self.scheduler.step(pred.float(), t, latents, **step_kwargs).prev_sample
         pixels = self.decode_latents(latents).float()[..., :out_h, :out_w]
         result = self.image_processor.postprocess(pixels, output_type=output_type)
         return result[0]

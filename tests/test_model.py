@@ -1,0 +1,225 @@
+"""SpatialSemanticControlNet and SRObjective on the tiny profile: zero-init equivalence with a plain
+ControlNet, every stream wired, save/load round-trip, the trainable/frozen split, the shard path equal
+to the online fallback, the scheduler's prediction type, and overfitting 8 samples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
+
+from pipeline.config_model import LossConfig, ModelConfig
+from pipeline.profiles import ensure_tiny
+from pipeline.tiny_sd import CLIP_VISION_DIM, DINO_DIM, TEXT_DIM
+from stages.features import ImageEncoders, encode_prompts, vae_posterior
+from training import losses
+from training.model import SpatialSemanticControlNet
+from training.objective import SRObjective, to_uint8
+
+MODES = [("gated", "standard"), ("attention", "standard"), ("gated", "lgcaa")]
+K = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on 2 cores shared with other test processes, two OpenMP threads per
+    process oversubscribe the CPU and run some steps 30x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return ensure_tiny(tmp_path_factory.mktemp("models"), ("sd", "clip_vision", "dinov2"))
+
+
+@pytest.fixture(scope="module")
+def unet(tiny):
+    return UNet2DConditionModel.from_pretrained(tiny["sd"], subfolder="unet")
+
+
+def randomize(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
+    """Random weights, as if training had moved them (zero-init layers included)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def inputs(seed: int = 0, batch: int = 2, latent: tuple[int, int] = (8, 8)) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    h, w = latent
+    return dict(
+        sample=torch.randn(batch, 4, h, w, generator=g), timestep=torch.tensor([10, 700][:batch]),
+        controlnet_cond=torch.rand(batch, 3, 8 * h, 8 * w, generator=g) * 2 - 1,
+        encoder_hidden_states=torch.randn(batch, 77, TEXT_DIM, generator=g),
+        text_low=torch.randn(batch, 77, TEXT_DIM, generator=g), boxes=torch.rand(batch, K, 4, generator=g),
+        phrase_embeds=torch.randn(batch, K, TEXT_DIM, generator=g),
+        box_mask=torch.tensor([[1.0, 1, 0, 0], [0, 0, 0, 0]])[:batch],
+        clip_tokens=torch.randn(batch, 17, CLIP_VISION_DIM, generator=g),
+        dino_tokens=torch.randn(batch, 17, DINO_DIM, generator=g),
+    )
+
+
+def residuals(out) -> list[torch.Tensor]:
+    return [*out.down_block_res_samples, out.mid_block_res_sample]
+
+
+def build(unet, fusion: str, attention: str) -> SpatialSemanticControlNet:
+    return SpatialSemanticControlNet.from_unet(unet, fusion=fusion, attention=attention, max_boxes=K,
+                                               clip_dim=CLIP_VISION_DIM, dino_dim=DINO_DIM, lgcaa_window=4)
+
+
+def new_layers(model: SpatialSemanticControlNet) -> list[torch.nn.Module]:
+    procs = [m.processor for m in model.branch.modules() if isinstance(getattr(m, "processor", None), torch.nn.Module)]
+    return procs + [model.position_net, model.clip_restorer, model.dino_restorer]
+
+
+@pytest.mark.parametrize(("fusion", "attention"), MODES)
+def test_untrained_model_equals_plain_controlnet_and_every_stream_is_wired(unet, fusion, attention):
+    plain = ControlNetModel.from_unet(unet)
+    # a plain ControlNet's residuals are zero until its zero convs move: give them (and the LR
+    # encoder's last conv) trained-like weights, shared by both models, so the comparison is not 0 == 0
+    for part in (plain.controlnet_down_blocks, plain.controlnet_mid_block, plain.controlnet_cond_embedding.conv_out):
+        randomize(part, seed=1)
+    model = build(unet, fusion, attention)
+    model.branch.load_state_dict(plain.state_dict(), strict=False)
+    x = inputs()
+    with torch.no_grad():
+        ours = model(**x)
+        ref = plain(x["sample"], x["timestep"], x["encoder_hidden_states"], x["controlnet_cond"], return_dict=False)
+    assert ref[1].abs().max() > 1e-3
+    for a, b in zip(residuals(ours), [*ref[0], ref[1]], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert ours.clip_pooled.shape == (2, CLIP_VISION_DIM) and ours.dino_pooled.shape == (2, DINO_DIM)
+
+    # once the new outputs move, each stream changes the residuals
+    for i, part in enumerate(new_layers(model)):
+        randomize(part, seed=10 + i, scale=0.2)
+    with torch.no_grad():
+        base = residuals(model(**x))
+        assert (base[-1] - ref[1]).abs().max() > 1e-4
+        for key in ("text_low", "boxes", "phrase_embeds", "clip_tokens", "dino_tokens"):
+            noise = torch.randn(x[key].shape, generator=torch.Generator().manual_seed(5))
+            changed = dict(x, **{key: x[key] + 0.5 * noise})
+            diff = max((a - b).abs().max().item() for a, b in zip(residuals(model(**changed)), base, strict=True))
+            assert diff > 1e-5, f"{key} does not reach the residuals"
+
+
+@pytest.mark.parametrize(("fusion", "attention"), [MODES[1], MODES[2]])
+def test_save_load_round_trip_gives_identical_outputs(unet, tmp_path, fusion, attention):
+    model = build(unet, fusion, attention)
+    randomize(model, seed=3, scale=0.02)
+    model.save_pretrained(tmp_path / "controlnet")
+    loaded = SpatialSemanticControlNet.from_pretrained(tmp_path / "controlnet")
+    assert loaded.config.fusion == fusion and loaded.config.attention == attention
+    x = inputs(seed=4, latent=(8, 12))  # non-square latents: LGCAA's windows must follow the grid
+    with torch.no_grad():
+        for a, b in zip(residuals(model(**x)), residuals(loaded(**x)), strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def objective(tiny):
+    return SRObjective.from_paths(tiny, ModelConfig(max_boxes=K), LossConfig(pixel_w1=0.1))
+
+
+def make_batch(n: int, seed: int = 0, hr: int = 64, scale: int = 4) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    # smooth images (a few random gradients), so LR and HR agree as a real pair would
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, hr), torch.linspace(-1, 1, hr), indexing="ij")
+    coef = torch.rand(n, 3, 3, generator=g) * 2 - 1
+    images = (coef[..., 0, None, None] * xx + coef[..., 1, None, None] * yy + coef[..., 2, None, None] * 0.5).clamp(-1, 1)
+    lr = torch.nn.functional.avg_pool2d(images, scale)
+    boxes = torch.zeros(n, K, 4)
+    boxes[:, 0] = torch.tensor([0.1, 0.1, 0.6, 0.7])
+    return {
+        "hr": images, "lr": lr, "caption_high": [f"a photo number {i}" for i in range(n)],
+        "caption_low": ["blurry and noisy"] * n, "phrases": [["object"] if i % 2 else [] for i in range(n)],
+        "boxes": boxes, "box_mask": (torch.arange(K) == 0).float().expand(n, K).clone(),
+    }
+
+
+def test_only_the_controlnet_is_trainable_and_gets_gradients(objective):
+    trainable = {id(p) for p in objective.trainable_parameters()}
+    assert trainable == {id(p) for p in objective.controlnet.parameters()}
+    frozen = [(n, p) for n, p in objective.named_parameters() if id(p) not in trainable]
+    assert frozen and all(not p.requires_grad for _, p in frozen)
+    assert {n.split(".")[0] for n, _ in frozen} == {"unet", "vae", "text_encoder", "clip_vision", "dino"}
+    objective.zero_grad(set_to_none=True)
+    out = objective(make_batch(2), generator=torch.Generator().manual_seed(0))
+    assert set(out) == {"loss", "diffusion", "degradation_free", "semantic", "pixel_w1"}
+    expected = out["diffusion"] + 0.05 * out["degradation_free"] + 0.1 * out["semantic"] + 0.1 * out["pixel_w1"]
+    torch.testing.assert_close(out["loss"], expected)
+    out["loss"].backward()
+    assert all(p.grad is None for _, p in frozen)
+    grads = {n: p.grad for n, p in objective.controlnet.named_parameters()}
+    # from step one: ControlNet's zero convs (diffusion loss) and the restorers (semantic constraint);
+    # everything behind the zero convs waits until they move, as in ControlNet
+    for prefix in ("branch.controlnet_mid_block", "branch.controlnet_down_blocks", "clip_restorer", "dino_restorer"):
+        assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith(prefix)), prefix
+    objective.zero_grad(set_to_none=True)
+
+
+def test_shard_members_give_the_same_losses_as_the_online_fallback(objective, tiny):
+    batch = make_batch(2, seed=5)
+    objective.eval()
+    encoders = ImageEncoders.load(tiny["clip_vision"], tiny["dinov2"])
+    lr_feats, hr_feats = encoders.encode(to_uint8(batch["lr"])), encoders.encode(to_uint8(batch["hr"]))
+    text = torch.stack([encode_prompts(objective.tokenizer, objective.text_encoder, batch["caption_high"]),
+                        encode_prompts(objective.tokenizer, objective.text_encoder, batch["caption_low"])], dim=1)
+    shard = dict(batch, text=text.half(), latent=vae_posterior(objective.vae, batch["hr"]),
+                 clip_lr=lr_feats["clip_tokens"].half(), dino_lr=lr_feats["dino_tokens"].half(),
+                 clip_hr=hr_feats["clip_pooled"].half(), dino_hr=hr_feats["dino_pooled"].half())
+    with torch.no_grad():
+        online = objective(batch, generator=torch.Generator().manual_seed(1))
+        stored = objective(shard, generator=torch.Generator().manual_seed(1))
+    objective.train()
+    for key in online:
+        torch.testing.assert_close(stored[key], online[key], rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_diffusion_target_follows_the_scheduler(objective, monkeypatch, prediction_type):
+    seen = {}
+    real = losses.diffusion_target
+
+    def spy(latents, noise, timesteps, alphas_cumprod, ptype):
+        seen.update(latents=latents, noise=noise, timesteps=timesteps, ptype=ptype)
+        seen["target"] = real(latents, noise, timesteps, alphas_cumprod, ptype)
+        return seen["target"]
+
+    monkeypatch.setattr(losses, "diffusion_target", spy)
+    original = objective.scheduler
+    objective.scheduler = DDPMScheduler.from_config(original.config, prediction_type=prediction_type)
+    try:
+        with torch.no_grad():
+            objective(make_batch(2), generator=torch.Generator().manual_seed(2))
+    finally:
+        objective.scheduler = original
+    assert seen["ptype"] == prediction_type
+    if prediction_type == "epsilon":
+        expected = seen["noise"]
+    else:
+        expected = original.get_velocity(seen["latents"], seen["noise"], seen["timesteps"])
+    torch.testing.assert_close(seen["target"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_model_overfits_eight_samples(tiny):
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(max_boxes=K, dropout={"text_high": 0, "text_low": 0, "grounding": 0, "visual": 0})
+    obj = SRObjective.from_paths(tiny, model_cfg, LossConfig(degradation_free_pixels=False))
+    batch = make_batch(8, seed=7, hr=32)
+    optimizer = torch.optim.AdamW(obj.trainable_parameters(), lr=5e-3, weight_decay=0.0)
+    history = []
+    for _ in range(40):
+        # the same noise and timesteps every step: the samples become memorizable
+        out = obj(batch, generator=torch.Generator().manual_seed(11))
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+        history.append(out["loss"].item())
+    start, end = history[0], min(history[-5:])
+    assert end < 0.4 * start, f"loss went from {start:.4f} to {end:.4f}"
