@@ -30,6 +30,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/degrade.py
 	$(BIN)/python benchmarks/prepare.py
+	$(BIN)/python benchmarks/annotate.py
 
 clean:
 	rm -rf runs .cache .pytest_cache
