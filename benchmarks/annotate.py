@@ -2,8 +2,8 @@
 
 Default: the real stage classes with the tiny profile on CPU (what ``make bench`` runs anywhere).
 ``--gpu``: the real-size architectures of ``configs/models`` with random weights in bf16 on one GPU,
-driven the way the stages drive them: LLaVA-1.5-7B with both prompts batched together (left-padded,
-greedy, exactly ``--new-tokens`` tokens), Grounding DINO (Swin-B) at 800 px, CLIP ViT-L/14 + DINOv2-B
+driven the way the stages drive them: LLaVA-1.5-7B with both prompts in one greedy generate (the
+image prefix run once per image, exactly ``--new-tokens`` tokens), Grounding DINO (Swin-B) at 800 px, CLIP ViT-L/14 + DINOv2-B
 (LR tokens and HR pooled), and the SD VAE posterior of 512 px crops plus the text states of two captions.
 Goals on one H100: captions >= 20 images/s, grounding >= 30, embeddings + latents >= 300.
 """
@@ -69,6 +69,8 @@ def cpu_tiny(args) -> dict[str, float]:
 
 
 def gpu_captions(args, dtype) -> float:
+    from stages.caption_llava import generate_shared_prefix
+
     model = build_from_config("llava-1.5-7b", dtype, "cuda")
     cfg = model.config
     vision = cfg.vision_config
@@ -76,31 +78,39 @@ def gpu_captions(args, dtype) -> float:
     b = args.batch_captions
     g = torch.Generator().manual_seed(0)
     pad, image = cfg.text_config.pad_token_id, cfg.image_token_index
-    rows = []
-    for prompt_len in (14, 26):  # the high- and low-level XPSR prompts, in LLaVA's tokens
-        for _ in range(b):
-            text = torch.randint(3, 31999, (5 + prompt_len + 5,), generator=g)
-            rows.append(torch.cat([torch.tensor([1]), text[:4], torch.full((n_image,), image), text[4:]]))
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):  # left padding, as the stage's processor does
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    pixels = torch.randn(b, 3, vision.image_size, vision.image_size, generator=g).repeat(2, 1, 1, 1)
-    inputs = {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "pixel_values": pixels.to("cuda", dtype)}
-    cache = {} if args.eager else {"cache_implementation": "static"}  # as annotate.captions.compile=true
+    # "<s> USER: <image x576>\n" then the high (14 tokens) or low (26 tokens) XPSR prompt + " ASSISTANT:"
+    head = torch.cat([torch.tensor([1]), torch.randint(3, 31999, (4,), generator=g), torch.full((n_image,), image),
+                      torch.tensor([13])])
+    prompts = [torch.cat([head, torch.randint(3, 31999, (n + 5,), generator=g)]) for n in (14, 26)]
+    pixels = torch.randn(b, 3, vision.image_size, vision.image_size, generator=g)
+    compile = not args.eager
+    width = max(len(r) for r in prompts)
 
-    @torch.no_grad()
-    def run():
-        out = model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                             do_sample=False, num_beams=1, pad_token_id=pad, **cache)
-        assert out.shape[1] == width + args.new_tokens
+    if args.share_prefix:
+        @torch.no_grad()
+        def run():
+            out = generate_shared_prefix(model, pixels, prompts, len(head), pad, args.new_tokens, compile,
+                                         min_new_tokens=args.new_tokens)
+            assert out.shape == (2 * b, args.new_tokens)
+    else:
+        ids = torch.full((2 * b, width), pad)
+        mask = torch.zeros_like(ids)
+        for k, r in enumerate(prompts):  # left padding, as the processor does
+            ids[k * b : (k + 1) * b, width - len(r) :] = r
+            mask[k * b : (k + 1) * b, width - len(r) :] = 1
+        inputs = {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "pixel_values": pixels.repeat(2, 1, 1, 1).to("cuda", dtype)}
+        cache = {"cache_implementation": "static"} if compile else {}
+
+        @torch.no_grad()
+        def run():
+            out = model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                 do_sample=False, num_beams=1, pad_token_id=pad, **cache)
+            assert out.shape[1] == width + args.new_tokens
 
     seconds = timed(run, args.repeats, torch.cuda.synchronize)
-    print(f"  llava-1.5-7b: {b} images x 2 prompts ({2 * b} rows, prompt {width} tokens) + {args.new_tokens} "
-          f"tokens: {seconds:.2f} s/batch, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    torch.cuda.empty_cache()
+    print(f"  llava-1.5-7b: {b} images x 2 prompts ({2 * b} rows, prompt {width} tokens, shared image prefix: "
+          f"{args.share_prefix}) + {args.new_tokens} tokens: {seconds:.2f} s/batch, "
+          f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     return b / seconds
 
 
@@ -163,6 +173,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpu", action="store_true", help="real-size architectures, random init, bf16, on cuda")
     parser.add_argument("--eager", action="store_true", help="GPU: no torch.compile / static KV cache")
+    parser.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
+                        help="GPU: run the image prefix once per prompt instead of once per image")
     parser.add_argument("--only", default="captions,grounding,embeddings", help="GPU parts to run")
     parser.add_argument("--images", type=int, default=8, help="CPU: images per stage call")
     parser.add_argument("--repeats", type=int, default=3)

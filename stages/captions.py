@@ -31,42 +31,12 @@ class CaptionBackend(Protocol):
         """Greedy captions: for each prompt, one per image."""
 
 
-class TransformersLlava:
-    """LLaVA through transformers: ``AutoProcessor`` (chat template, image tokens) + ``LlavaForConditionalGeneration``."""
-
-    def __init__(self, path: str, device: str, dtype: torch.dtype, max_new_tokens: int, compile: bool = False):
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-        self.processor = AutoProcessor.from_pretrained(path)
-        self.processor.tokenizer.padding_side = "left"  # decoder-only generation continues on the right
-        self.model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
-        self.max_new_tokens = max_new_tokens
-        # a static KV cache lets generate compile the decoding step: 1.5x on an H100 after a ~50 s compile
-        self.cache = {"cache_implementation": "static"} if compile else {}
-
-    def prompt_text(self, prompt: str) -> str:
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
-
-    @torch.no_grad()
-    def caption(self, images: list[np.ndarray], prompts: Sequence[str]) -> list[list[str]]:
-        # every (prompt, image) pair in one left-padded generate: decoding is bound by reading the
-        # weights, so twice the rows cost far less than twice the calls
-        texts = [self.prompt_text(p) for p in prompts for _ in images]
-        inputs = self.processor(images=list(images) * len(prompts), text=texts, padding=True, return_tensors="pt")
-        inputs = inputs.to(self.model.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
-                                  **self.cache)
-        new = out[:, inputs["input_ids"].shape[1] :]
-        decoded = [" ".join(s.split()) for s in self.processor.batch_decode(new, skip_special_tokens=True)]
-        return [decoded[k * len(images) : (k + 1) * len(images)] for k in range(len(prompts))]
-
-
 def make_backend(name: str, path: str, device: str, dtype: torch.dtype, max_new_tokens: int,
                  compile: bool = False) -> CaptionBackend:
     """The caption backend ``annotate.captions.backend`` names."""
     if name == "transformers":
+        from stages.caption_llava import TransformersLlava
+
         return TransformersLlava(path, device, dtype, max_new_tokens, compile)
     if name == "llava_torch":
         from stages.caption_llava_torch import LlavaTorch

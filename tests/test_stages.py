@@ -195,3 +195,16 @@ def test_markers_name_models_not_cache_paths(cfg, paths):
     real = load_config(CONFIG_DIR / "sd15.yaml")
     assert model_id(real.models, "llava") == "llava-hf/llava-1.5-7b-hf"
     assert load_config(CONFIG_DIR / "sd21.yaml").models.sd == "stabilityai/stable-diffusion-2-1"
+
+
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_shared_image_prefix_gives_the_captions_of_separate_rows(paths, static_cache):
+    from pipeline.config_annotate import HIGH_PROMPT, LOW_PROMPT
+    from stages.caption_llava import TransformersLlava
+
+    images = list(_batch(3)["lr"])
+    shared = TransformersLlava(paths["llava"], "cpu", torch.float32, 10, compile=static_cache, share_prefix=True)
+    joint = TransformersLlava(paths["llava"], "cpu", torch.float32, 10, share_prefix=False)
+    out = shared.caption(images, [HIGH_PROMPT, LOW_PROMPT])
+    assert out == joint.caption(images, [HIGH_PROMPT, LOW_PROMPT])
+    assert len(out) == 2 and all(len(c) == 3 and all(c) for c in out) and out[0] != out[1]
