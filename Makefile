@@ -5,6 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= runs/demo
+DEMO_STEPS ?= 20
 
 .PHONY: install demo test lint bench clean
 
@@ -17,9 +18,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the whole chain on the bundled sample photos with the tiny profile: prepare -> a short training
+# (the last shard held out) -> upscale the held-out LR images with the export -> evaluate against their HR
 demo: $(STAMP)
 	$(BIN)/python -m pipeline.prepare --output $(DEMO)
-	@echo "demo results: $(DEMO)/shards (WebDataset shards), $(DEMO)/summary.json"
+	$(BIN)/python -m training.launch --input $(DEMO) --output $(DEMO)/train \
+		--set train.max_steps=$(DEMO_STEPS) --set train.val_shards=1 --set train.checkpoint_every=$(DEMO_STEPS)
+	$(BIN)/python -m pipeline.pairs_export --input $(DEMO) --output $(DEMO)/heldout --last 1
+	$(BIN)/python -m pipeline.upscale --input $(DEMO)/heldout/lr --output $(DEMO)/upscaled \
+		--model $(DEMO)/train/export --set upscale.steps=10 --set upscale.tile_size=16 --set upscale.tile_overlap=4
+	$(BIN)/python -m pipeline.evaluate --input $(DEMO)/upscaled --reference $(DEMO)/heldout/hr \
+		--lr $(DEMO)/heldout/lr --output $(DEMO)/report
+	@echo "demo: shards $(DEMO)/shards, model $(DEMO)/train/export, upscaled $(DEMO)/upscaled"
+	@echo "demo report: $(DEMO)/report/index.html (metrics: $(DEMO)/report/metrics.json)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -31,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/degrade.py
 	$(BIN)/python benchmarks/prepare.py
 	$(BIN)/python benchmarks/annotate.py
+	$(BIN)/python benchmarks/upscale.py --sizes 256 512 1024
 
 clean:
 	rm -rf runs .cache .pytest_cache
