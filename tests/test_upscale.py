@@ -152,13 +152,14 @@ def _upscaler(pipe, **kw):
 
 
 def test_psnr_to_bicubic_falls_as_realism_rises(tiny_pipe):
-    lr = cv2.resize(skimage_photo("astronaut.png"), (48, 40), interpolation=cv2.INTER_AREA)
+    lr = cv2.resize(skimage_photo("coffee.png"), (32, 32), interpolation=cv2.INTER_AREA)
     reference = bicubic_upsample(lr, 4)
     psnr = []
     for realism in (0.0, 0.5, 1.0):
-        out = _upscaler(tiny_pipe, realism=realism)(lr, "a photo of an astronaut", "sharp", seed=7)
+        out = _upscaler(tiny_pipe, realism=realism)(lr, "a cup of coffee", "sharp", seed=7)
         psnr.append(full_reference_metrics(out, reference, 4)["psnr_rgb"])
-    assert psnr[0] > psnr[1] > psnr[2], psnr
+    # margins of several dB on the untrained model (23 / 17 / 8.5 when written): a real trend, not noise
+    assert psnr[0] > psnr[1] + 1 > psnr[2] + 2, psnr
 
 
 def test_no_seams_with_the_real_model(tiny_pipe):
