@@ -61,6 +61,9 @@ class UpscaleConfig(_Section):
     color_fix: Literal["none", "wavelet", "adain"] = Field("wavelet", description="colour correction toward the input")
     seed: int = Field(0, description="base seed; each image's noise comes from (seed, relative path)")
     skip_existing: bool = Field(True, description="skip inputs whose output already exists (resume after a crash)")
+    visual_tokens: Literal["tile", "image"] = Field(
+        "tile", description="CLIP/DINOv2 tokens per tile (its LR crop) or of the whole image (the embeddings stage)"
+    )
     stages: list[Literal["captions", "grounding", "embeddings"]] | None = Field(
         None, description="annotation stages to run before diffusion (default: those installed and enabled)"
     )

@@ -65,9 +65,9 @@ def enabled_stages(cfg: Config) -> list[str]:
         if missing:
             raise ConfigError(f"upscale.stages names {missing}, which are not installed (modules {ANNOTATION_STAGES})")
         return list(cfg.upscale.stages)
-    # embeddings are left out by default: the diffusion stage encodes each tile's own LR crop
-    return [s for s in ("captions", "grounding")
-            if getattr(cfg.annotate, s).enabled and find_spec(ANNOTATION_STAGES[s]) is not None]
+    # embeddings only feed visual_tokens=image; with "tile" the diffusion stage encodes each tile's own crop
+    wanted = ("captions", "grounding") + (("embeddings",) if cfg.upscale.visual_tokens == "image" else ())
+    return [s for s in wanted if getattr(cfg.annotate, s).enabled and find_spec(ANNOTATION_STAGES[s]) is not None]
 
 
 def _stage_class(name: str) -> type:

@@ -2,7 +2,8 @@
 
 Loads a ``SpatialSemanticSRPipeline`` export once per actor and upscales each row with tiled latent
 diffusion (``stages.tiled_diffusion``). Uses the annotation columns when the stages before it made
-them (``caption_high``, ``caption_low``, ``phrases``, ``boxes``); without them the tiles are
+them (``caption_high``, ``caption_low``, ``phrases``, ``boxes``, and ``clip_lr``/``dino_lr`` with
+``upscale.visual_tokens: image``); without them the tiles are
 conditioned on ``upscale.prompt`` and no boxes. A row that fails becomes a reject
 (``status`` "error", ``error`` "diffuse: ..."); the other rows of the batch go on.
 """
@@ -71,9 +72,9 @@ class Diffuser:
         self.upscaler = TiledUpscaler(self.pipe, cfg.upscale, self.device, self.dtype)
 
     def upscale_one(self, lr: np.ndarray, caption_high: str, caption_low: str, phrases: list[str],
-                    boxes: np.ndarray, source: str) -> np.ndarray:
+                    boxes: np.ndarray, source: str, tokens: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         seed = stable_seed(self.cfg.upscale.seed, source) % (2**63)
-        return self.upscaler(lr, caption_high, caption_low, phrases, boxes, seed=seed)
+        return self.upscaler(lr, caption_high, caption_low, phrases, boxes, seed=seed, image_tokens=tokens)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         lrs = as_list(batch["lr"])
@@ -83,6 +84,8 @@ class Diffuser:
         sources = [str(s) for s in as_list(batch.get("source", batch.get("path", [""] * n)))]
         highs, lows = _text(batch, "caption_high", n), _text(batch, "caption_low", n)
         phrases, boxes = _phrases(batch, n), _boxes(batch, n)
+        has_tokens = "clip_lr" in batch and "dino_lr" in batch
+        clip, dino = (as_list(batch["clip_lr"]), as_list(batch["dino_lr"])) if has_tokens else ([], [])
         outputs, seconds = [], []
         for i, lr in enumerate(lrs):
             if status[i] != "ok":
@@ -91,8 +94,9 @@ class Diffuser:
                 continue
             t0 = time.perf_counter()
             try:
+                tokens = (clip[i], dino[i]) if has_tokens else None
                 outputs.append(self.upscale_one(np.asarray(lr, np.uint8), highs[i], lows[i], phrases[i], boxes[i],
-                                                sources[i]))
+                                                sources[i], tokens))
             except Exception as exc:  # one bad image never stops the job: it becomes a reject
                 log.exception("diffuse failed on %s", sources[i])
                 outputs.append(EMPTY)

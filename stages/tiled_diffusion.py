@@ -14,6 +14,7 @@ latter applies ``pipe.scheduler.scale_model_input`` itself, so the sampler insta
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from dataclasses import dataclass
@@ -119,9 +120,20 @@ class TiledUpscaler:
         z = latents.to(self.device, self.dtype) / self.scaling + self.shift
         return self.pipe.vae.decode(z).sample
 
+    def _image_tokens(self, lr: np.ndarray, given: tuple[np.ndarray, np.ndarray] | None) -> dict[str, torch.Tensor]:
+        """Whole-image CLIP/DINOv2 tokens: the embeddings stage's columns, else encoded here once."""
+        if given is not None:
+            return {"clip_tokens": torch.as_tensor(np.asarray(given[0]))[None],
+                    "dino_tokens": torch.as_tensor(np.asarray(given[1]))[None]}
+        cond = self.pipe.encode_conditioning(lr[None], [""], [""], [[]], [None], self.cfg.negative_prompt, False)
+        return {"clip_tokens": cond.clip_tokens, "dino_tokens": cond.dino_tokens}
+
     def _conditioning(self, lr: np.ndarray, tiles: list, captions: tuple[str, str], phrases: list[str],
-                      boxes: np.ndarray, do_cfg: bool) -> list[Any]:
-        """One Conditioning per batch of tiles, each tile with its LR crop and its boxes."""
+                      boxes: np.ndarray, do_cfg: bool, image_tokens: dict[str, torch.Tensor] | None = None) -> list[Any]:
+        """One Conditioning per batch of tiles, each tile with its LR crop and its boxes.
+
+        With ``image_tokens`` every tile gets the whole image's visual tokens instead of its crop's.
+        """
         lr_h, lr_w = lr.shape[:2]
         scale = self.cfg.scale
         out = []
@@ -136,16 +148,26 @@ class TiledUpscaler:
                 tile_phrases.append(p)
                 tile_boxes.append(b)
             n = len(chunk)
-            out.append(self.pipe.encode_conditioning(
+            cond = self.pipe.encode_conditioning(
                 np.stack(crops), [captions[0]] * n, [captions[1]] * n, tile_phrases, tile_boxes,
                 self.cfg.negative_prompt, do_cfg,
-            ))
+            )
+            if image_tokens is not None:
+                cond = dataclasses.replace(cond, **{
+                    name: t.to(getattr(cond, name).device, getattr(cond, name).dtype).expand(n, *t.shape[1:])
+                    for name, t in image_tokens.items()})
+            out.append(cond)
         return out
 
     @torch.no_grad()
     def __call__(self, lr: np.ndarray, caption_high: str = "", caption_low: str = "",
-                 phrases: list[str] | None = None, boxes: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
-        """The ``scale``x upscale of ``lr`` (RGB uint8 [h, w, 3]) as RGB uint8 [h*scale, w*scale, 3]."""
+                 phrases: list[str] | None = None, boxes: np.ndarray | None = None, seed: int = 0,
+                 image_tokens: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """The ``scale``x upscale of ``lr`` (RGB uint8 [h, w, 3]) as RGB uint8 [h*scale, w*scale, 3].
+
+        ``image_tokens`` (CLIP, DINOv2 LR tokens of the embeddings stage) are used when
+        ``upscale.visual_tokens`` is ``image``.
+        """
         cfg, f = self.cfg, self.factor
         src = BicubicSource(lr, cfg.scale, self.device)
         lat_h, lat_w = padded_latent_size(src.height, src.width, f)
@@ -164,8 +186,9 @@ class TiledUpscaler:
         tiles = latent_tiles(lat_h, lat_w, cfg.tile_size, cfg.tile_overlap)
         do_cfg = plan.guidance_scale > 1.0
         prompt = caption_high or cfg.prompt
+        tokens = self._image_tokens(lr, image_tokens) if cfg.visual_tokens == "image" else None
         conds = self._conditioning(lr, tiles, (prompt, caption_low or ""), list(phrases or []),
-                                   np.zeros((0, 4), np.float32) if boxes is None else boxes, do_cfg)
+                                   np.zeros((0, 4), np.float32) if boxes is None else boxes, do_cfg, tokens)
         masks = [tile_mask(y, x, th, tw, lat_h, lat_w, cfg.tile_overlap).to(self.device) for y, x, th, tw in tiles]
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         # predict_noise scales its input with the pipeline's scheduler (Euler's sigma scaling): make it ours

@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.config import load_config
@@ -175,3 +176,30 @@ def test_no_seams_with_the_real_model(tiny_pipe):
     borders = {b for s in starts for b in (8 * s, 8 * (s + 16)) if 4 < b < w * 4 - 5}
     inner = [j for i, j in enumerate(jumps) if all(abs(i + 1 - b) > 4 for b in borders) and 4 < i < w * 4 - 5]
     assert max(jumps[b - 1] for b in borders) <= max(inner)
+
+
+def test_whole_image_tokens_come_from_the_embeddings_stage(tiny_pipe, monkeypatch):
+    from pipeline.profiles import ensure_tiny
+    from stages.columns import object_array
+    from stages.embeddings import Embedder
+
+    cfg = load_config()
+    lr = cv2.resize(skimage_photo("chelsea.png"), (48, 32), interpolation=cv2.INTER_AREA)
+    row = Embedder(cfg, ensure_tiny(cfg.models.cache_dir, ("clip_vision", "dinov2")))(
+        {"key": object_array(["k"]), "lr": lr[None], "status": object_array(["ok"]), "error": object_array([""])})
+    seen = []
+    real = tiny_pipe.predict_noise
+
+    def spy(latents, t, control, cond, *args, **kwargs):
+        seen.append(cond.clip_tokens.float().clone())
+        return real(latents, t, control, cond, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe, "predict_noise", spy)
+    _upscaler(tiny_pipe, visual_tokens="image", steps=2, realism=1.0)(
+        lr, seed=0, image_tokens=(row["clip_lr"][0], row["dino_lr"][0]))
+    expected = torch.as_tensor(row["clip_lr"][0]).float()
+    assert seen and all(torch.allclose(tokens, expected.expand_as(tokens), atol=1e-3) for tokens in seen)
+    seen.clear()
+    _upscaler(tiny_pipe, visual_tokens="tile", steps=2, realism=1.0)(lr, seed=0)
+    tiles = seen[0]
+    assert len(tiles) > 1 and not torch.allclose(tiles[0], tiles[-1]), "each tile sees its own crop"
