@@ -226,5 +226,6 @@ def to_torch(batch: dict[str, np.ndarray], device: torch.device | str = "cpu") -
         elif name == "phrases":
             out[name] = [[str(p) for p in row if str(p)] for row in value]
         else:
-            out[name] = torch.from_numpy(np.array(value)).to(device, non_blocking=True)  # a writable copy
+            # a torch-owned copy: aligned like every other tensor, so CPU kernels take the same code path every run
+            out[name] = torch.from_numpy(np.ascontiguousarray(value)).clone().to(device, non_blocking=True)
     return out

@@ -167,7 +167,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if step % t.log_every == 0 or last or due_val:
                 elapsed = time.perf_counter() - t_log
                 metrics.update(samples_per_s=seen_since_log / elapsed, data_wait_share=wait_since_log / elapsed,
-                               epoch=runner.state.epoch)
+                               epoch=runner.state.epoch, **_peak_memory(device))
                 if reporter is not None:
                     reporter.log(step, metrics)
                 seen_since_log, wait_since_log, t_log = 0, 0.0, time.perf_counter()
@@ -215,6 +215,18 @@ def _samples(export_dir: str, batch: dict[str, Any] | None, step: int, cfg: Conf
     if reporter is not None:
         reporter.add_image("samples", grid, step)
     log.info("sample grid: %s", url)
+
+
+def _peak_memory(device) -> dict[str, float]:
+    """This process's peak host RSS and, on GPU, peak allocated device memory, in MiB."""
+    import resource
+
+    import torch
+
+    out = {"peak_host_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if getattr(device, "type", "cpu") == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
 
 
 def _shutdown() -> None:

@@ -71,6 +71,9 @@ class Runner:
         if cfg.train.ema and self.stage == 3:
             raise ValueError("train.ema needs whole parameters on every rank: use deepspeed.stage 1 or 2 with EMA")
         cls = load_objective_class(cfg.train.objective)
+        # new layers are initialized from the global RNG: seed it, or two launches of the same config start
+        # from different weights (and a relaunch could never be compared with an uninterrupted run)
+        torch.manual_seed(stable_seed(cfg.train.seed, "init"))
         objective = cls.from_paths(paths, getattr(cfg, "model", None), getattr(cfg, "loss", None),
                                    dtype=torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32)
         objective.to(device)
