@@ -147,14 +147,17 @@ def gpu_embeddings_latents(args, dtype) -> tuple[float, float, float]:
     crops = torch.randn(args.batch_vae, 3, 512, 512, generator=g).to("cuda", dtype)
     ids = torch.randint(0, 49407, (2 * args.batch_vae, 77), generator=g).cuda()
     if not args.eager:  # as annotate.embeddings.compile / annotate.encode.compile = true
+        torch.backends.cudnn.benchmark = True
         clip, dino = torch.compile(clip), torch.compile(dino)
         vae.to(memory_format=torch.channels_last)
         vae.encoder = torch.compile(vae.encoder)
         crops = crops.contiguous(memory_format=torch.channels_last)
 
+    both = torch.cat([lr, hr])  # LR tokens and HR pooled from one pass per encoder, as the stage does
+
     @torch.no_grad()
     def embed():
-        clip(pixel_values=lr), dino(pixel_values=lr), clip(pixel_values=hr).pooler_output, dino(pixel_values=hr).pooler_output
+        clip(pixel_values=both), dino(pixel_values=both)
 
     @torch.no_grad()
     def latents():

@@ -40,12 +40,15 @@ class Embedder(AnnotationStage):
         self.shapes = {k: tuple(v.shape[1:]) for k, v in probe.items()}
 
     def process(self, batch: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
-        lr = self.encoders.encode([np.asarray(batch["lr"][i], np.uint8) for i in rows])
-        out = [{"clip_lr": _fp16(lr["clip_tokens"][n]), "dino_lr": _fp16(lr["dino_tokens"][n])} for n in range(len(rows))]
+        images = [np.asarray(batch["lr"][i], np.uint8) for i in rows]
+        if "hr" in batch:  # one pass per encoder for LR and HR: the processors resize both to one size
+            images += [np.asarray(batch["hr"][i], np.uint8) for i in rows]
+        feats = self.encoders.encode(images)
+        n = len(rows)
+        out = [{"clip_lr": _fp16(feats["clip_tokens"][k]), "dino_lr": _fp16(feats["dino_tokens"][k])} for k in range(n)]
         if "hr" in batch:
-            hr = self.encoders.encode([np.asarray(batch["hr"][i], np.uint8) for i in rows])
-            for n, row in enumerate(out):
-                row.update(clip_hr=_fp16(hr["clip_pooled"][n]), dino_hr=_fp16(hr["dino_pooled"][n]))
+            for k, row in enumerate(out):
+                row.update(clip_hr=_fp16(feats["clip_pooled"][n + k]), dino_hr=_fp16(feats["dino_pooled"][n + k]))
         return out
 
     def placeholder(self, batch: dict[str, Any], row: int) -> dict[str, Any]:
