@@ -52,7 +52,6 @@ class SRObjective(nn.Module):
         for module in (unet, vae, text_encoder, encoders.clip, encoders.dino):
             module.eval().requires_grad_(False)
         self.controlnet.train().requires_grad_(True)
-        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
         self._empty_text: torch.Tensor | None = None
 
     @classmethod
@@ -94,7 +93,13 @@ class SRObjective(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.alphas_cumprod.device
+        return next(self.controlnet.parameters()).device
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The scheduler's cumulative alphas in float32 on the module's device (not a buffer, so that
+        DeepSpeed's bf16 cast of the module never rounds them)."""
+        return self.scheduler.alphas_cumprod.to(self.device, torch.float32)
 
     # -- conditioning -------------------------------------------------------------------------------
     def _empty(self, batch_size: int) -> torch.Tensor:
