@@ -85,7 +85,8 @@ def test_untrained_model_equals_plain_controlnet_and_every_stream_is_wired(unet,
     for part in (plain.controlnet_down_blocks, plain.controlnet_mid_block, plain.controlnet_cond_embedding.conv_out):
         randomize(part, seed=1)
     model = build(unet, fusion, attention)
-    model.branch.load_state_dict(plain.state_dict(), strict=False)
+    loaded = model.branch.load_state_dict(plain.state_dict(), strict=False)
+    assert not loaded.unexpected_keys and all(".processor." in k for k in loaded.missing_keys)
     x = inputs()
     with torch.no_grad():
         ours = model(**x)
@@ -223,3 +224,21 @@ def test_tiny_model_overfits_eight_samples(tiny):
         history.append(out["loss"].item())
     start, end = history[0], min(history[-5:])
     assert end < 0.4 * start, f"loss went from {start:.4f} to {end:.4f}"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(unet):
+    model = build(unet, "attention", "lgcaa")
+    randomize(model, seed=6, scale=0.05)
+    x = inputs(seed=7)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model.zero_grad(set_to_none=True)
+        out = model(**x)
+        (sum(r.square().mean() for r in residuals(out)) + out.clip_pooled.sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert model.branch.down_blocks[0].gradient_checkpointing
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 100
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
