@@ -210,3 +210,21 @@ def test_regional_boxes_clip_renormalize_and_drop():
                                                                [0.9, 0.9, 1.0, 1.0]]), (0.0, 0.0, 0.5, 0.5))
     assert phrases == ["a", "b"]
     np.testing.assert_allclose(boxes, [[0.2, 0.2, 0.8, 0.8], [0.9, 0.0, 1.0, 1.0]], atol=1e-6)
+
+
+def test_the_full_resolution_image_never_exists_in_float(monkeypatch):
+    sizes = []
+    region = BicubicSource.region
+
+    def spy(self, y0, y1, x0, x1):
+        sizes.append((y1 - y0) * (x1 - x0))
+        return region(self, y0, y1, x0, x1)
+
+    monkeypatch.setattr(BicubicSource, "region", spy)
+    monkeypatch.setattr(BicubicSource, "full", lambda self: pytest.fail("full-size upsample materialized"))
+    lr = np.random.default_rng(6).integers(0, 256, (120, 100, 3), dtype=np.uint8)
+    for color_fix in ("wavelet", "adain"):
+        out = TiledUpscaler(FakePipe(), _cfg(color_fix=color_fix, realism=0.5, tile_size=32))(lr, seed=0)
+        assert out.shape == (480, 400, 3)
+    # tiles for encode, control and the colour fix; bands of 256 rows (AdaIN's reference statistics)
+    assert max(sizes) <= max((32 * 8) ** 2, 256 * 400) <= 480 * 400 * 0.55
