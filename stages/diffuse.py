@@ -67,6 +67,10 @@ class Diffuser:
 
         self.cfg = cfg
         self.device = cfg.models.device
+        if cfg.upscale.diffuse.num_gpus > 0 and self.device == "cpu" and torch.cuda.is_available():
+            # the actor was given a GPU (Ray sets CUDA_VISIBLE_DEVICES): use it even if models.device was left at cpu
+            log.info("upscale.diffuse.num_gpus=%s: running the diffusion stage on cuda", cfg.upscale.diffuse.num_gpus)
+            self.device = "cuda"
         self.dtype = torch_dtype(cfg.models.dtype)
         self.pipe = load_sr_pipeline(model_path, self.device, self.dtype)
         self.upscaler = TiledUpscaler(self.pipe, cfg.upscale, self.device, self.dtype)
