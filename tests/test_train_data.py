@@ -1,0 +1,126 @@
+"""Training's pieces without Ray Train: per-worker streams and their resume, the resume rule, DeepSpeed config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.shards import ShardWriter, encode_json, encode_npy, encode_png
+from pipeline.storage import LocalStore, open_store
+from training.checkpoints import TrainState, latest_checkpoint, resume_point
+from training.data import DataError, plan_shards, rank_dataset, to_torch
+from training.deepspeed_config import build_deepspeed_config
+
+
+def _write_shards(folder: Path, counts: list[int], annotated: bool) -> list[list[str]]:
+    """Real shards in prepare's format; the annotated ones carry captions, boxes and a latent."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    store = LocalStore(folder)
+    keys = []
+    for index, count in enumerate(counts):
+        writer = ShardWriter(store, index)
+        names = [f"img{index:02d}_{i:03d}" for i in range(count)]
+        for key in names:
+            sample = {"__key__": key, "hr.png": encode_png(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)),
+                      "lr.png": encode_png(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)),
+                      "json": encode_json({"key": key}), "extra.pyd": b"never decoded"}
+            if annotated:
+                sample.update({"caption.json": encode_json({"high": f"photo {key}", "low": "sharp", "model": "t"}),
+                               "boxes.json": encode_json({"phrases": ["cat", "dog"], "boxes": [[0, 0, .5, .5], [.5, .5, 1, 1]],
+                                                          "scores": [.9, .8], "model": "t"}),
+                               "latent.npy": encode_npy(rng.standard_normal((8, 4, 4)).astype(np.float16))})
+            writer.write(sample)
+        writer.close({})
+        keys.append(names)
+    return keys
+
+
+def _stream(plan, rank, world, batch, skip, steps) -> list[str]:
+    ds = rank_dataset(plan, rank, world, batch, 1, skip, steps, max_boxes=4)
+    return [k for b in ds.iter_batches(batch_size=batch, batch_format="numpy") for k in b["key"]]
+
+
+def test_worker_streams_partition_the_epoch_and_resume_skips_exactly(tmp_path, ray_cluster):
+    keys = _write_shards(tmp_path / "shards", [3, 4, 3, 5], annotated=False)
+    plan = plan_shards(str(tmp_path))
+    assert [s.count for s in plan.shards] == [3, 4, 3, 5] and plan.members == ()
+    per_epoch = plan.steps_per_epoch(2, 2)  # worker 0: 3+3 samples, worker 1: 4+5 -> 3 steps of 2
+    assert per_epoch == 3
+    full = {r: _stream(plan, r, 2, 2, 0, per_epoch) for r in (0, 1)}
+    assert full[0] == keys[0] + keys[2] and full[1] == (keys[1] + keys[3])[:6]
+    assert not set(full[0]) & set(full[1])
+    for skip in (1, 2):  # a resume after `skip` steps continues with exactly the next samples
+        for r in (0, 1):
+            assert _stream(plan, r, 2, 2, skip, per_epoch - skip) == full[r][2 * skip:]
+
+
+def test_annotated_members_are_decoded_and_padded(tmp_path, ray_cluster):
+    _write_shards(tmp_path / "shards", [2, 2], annotated=True)
+    plan = plan_shards(str(tmp_path))
+    assert set(plan.members) == {"latent.npy", "caption.json", "boxes.json"}
+    ds = rank_dataset(plan, 0, 1, 2, 1, 0, 2, max_boxes=4)
+    batch = to_torch(next(iter(ds.iter_batches(batch_size=2, batch_format="numpy"))))
+    assert batch["hr"].shape == (2, 3, 32, 32) and batch["lr"].shape == (2, 3, 8, 8)
+    assert -1.0 <= float(batch["hr"].min()) and float(batch["hr"].max()) <= 1.0
+    assert batch["latent"].shape == (2, 8, 4, 4) and batch["caption_high"][0].startswith("photo img00")
+    assert batch["phrases"] == [["cat", "dog"], ["cat", "dog"]]
+    assert batch["boxes"].shape == (2, 4, 4) and batch["box_mask"].tolist() == [[1, 1, 0, 0]] * 2
+    assert "extra" not in batch and "extra.pyd" not in batch  # unknown members never leave the tar
+
+
+def test_unfinished_shards_and_too_few_shards_are_refused(tmp_path):
+    _write_shards(tmp_path / "shards", [2, 2], annotated=False)
+    (tmp_path / "shards" / "shard-000001.json").unlink()  # the second tar may still be being written
+    plan = plan_shards(str(tmp_path))
+    assert [s.rel for s in plan.shards] == ["shard-000000.tar"]
+    with pytest.raises(DataError, match="each worker needs at least one shard"):
+        plan.steps_per_epoch(2, 1)
+    with pytest.raises(DataError, match="no WebDataset shards"):
+        plan_shards(str(tmp_path / "empty"))
+
+
+def test_latest_checkpoint_needs_every_rank(tmp_path):
+    run = open_store(str(tmp_path))
+    for step, ranks in ((2, (0, 1)), (4, (0,))):  # step 4: rank 1's files never arrived
+        name = f"checkpoints/step-{step:08d}"
+        run.write(f"{name}/state.json", TrainState(step, 0, step, 2, 1, 1).to_json())
+        for r in ranks:
+            run.write(f"{name}/ranks/rank-{r}.json", json.dumps({"rank": r}).encode())
+    found = latest_checkpoint(run)
+    assert found[0] == "step-00000002" and found[1].step == 2
+
+
+def test_resume_point_rolls_epochs_and_restarts_on_new_geometry():
+    assert resume_point(None, 2, 1, 1, 5) == TrainState(0, 0, 0, 2, 1, 1)
+    done = TrainState(step=10, epoch=1, epoch_step=5, world_size=2, batch_size=1, grad_accum=1)
+    assert resume_point(done, 2, 1, 1, 5) == TrainState(10, 2, 0, 2, 1, 1)
+    mid = TrainState(step=7, epoch=1, epoch_step=2, world_size=2, batch_size=1, grad_accum=1)
+    assert resume_point(mid, 2, 1, 1, 5) == mid
+    assert resume_point(mid, 4, 1, 1, 5) == TrainState(7, 2, 0, 4, 1, 1)  # the old sample order is gone
+
+
+@pytest.mark.parametrize("stage,precision,offload", [(1, "fp32", False), (2, "bf16", True), (3, "bf16", True)])
+def test_deepspeed_config_follows_the_typed_config(stage, precision, offload):
+    sets = [f"deepspeed.stage={stage}", f"deepspeed.precision={precision}", f"deepspeed.offload_optimizer={offload}",
+            "train.batch_size=3", "train.grad_accum=2", "train.grad_clip=0.5", "deepspeed.extra={wall_clock_breakdown: true}"]
+    cfg = load_config(overrides=sets)
+    ds = build_deepspeed_config(cfg.train, cfg.deepspeed, world_size=4)
+    assert ds["train_batch_size"] == 3 * 2 * 4 and ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"]["stage"] == stage and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is (precision == "bf16")
+    assert ("offload_optimizer" in ds["zero_optimization"]) is offload
+    assert ds["wall_clock_breakdown"] is True  # deepspeed.extra is merged last
+
+
+def test_config_rejects_what_deepspeed_cannot_do():
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="offload_params needs deepspeed.stage=3"):
+        load_config(overrides=["deepspeed.offload_params=true", "deepspeed.stage=2"])
+    with pytest.raises(ConfigError, match="did you mean 'train.max_steps'"):
+        load_config(overrides=["train.max_step=3"])
