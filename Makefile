@@ -41,6 +41,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/degrade.py
 	$(BIN)/python benchmarks/prepare.py
+	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/annotate.py
 	$(BIN)/python benchmarks/upscale.py --sizes 256 512 1024
 
