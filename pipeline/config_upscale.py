@@ -84,6 +84,11 @@ class UpscaleConfig(_Section):
             raise ValueError(
                 f"upscale.tile_overlap={self.tile_overlap} must be smaller than upscale.tile_size={self.tile_size}"
             )
+        if self.stages and "embeddings" in self.stages and self.visual_tokens == "tile":
+            raise ValueError(
+                "upscale.stages has embeddings, whose whole-image tokens only upscale.visual_tokens=image uses "
+                "(with 'tile' the diffusion stage encodes each tile's crop): set one or drop the other"
+            )
         if self.tile_overlap >= (self.vae_tile_size or self.tile_size):
             raise ValueError(f"upscale.tile_overlap={self.tile_overlap} must be smaller than upscale.vae_tile_size")
         return self
