@@ -228,3 +228,18 @@ def test_the_full_resolution_image_never_exists_in_float(monkeypatch):
         assert out.shape == (480, 400, 3)
     # tiles for encode, control and the colour fix; bands of 256 rows (AdaIN's reference statistics)
     assert max(sizes) <= max((32 * 8) ** 2, 256 * 400) <= 480 * 400 * 0.55
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["upscale.tile_size=60"], "multiple of 8"),
+    (["upscale.tile_overlap=64"], "smaller than upscale.tile_size"),
+    (["upscale.scheduler=FancyScheduler"], "not supported"),
+    (["upscale.realism=1.5"], "less than or equal to 1"),
+    (["upscale.color_fix=histogram"], "color_fix"),
+    (["upscale.stages=[embeddings]"], "visual_tokens=image"),
+])
+def test_bad_upscale_settings_are_errors_that_name_the_key(overrides, message):
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
