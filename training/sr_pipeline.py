@@ -26,6 +26,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from stages.features import ImageEncoders, encode_phrases, encode_prompts
+from training.model import SpatialSemanticControlNet  # noqa: F401  (from_pretrained resolves the controlnet class from imported modules)
 
 NEGATIVE_PROMPT = "blurry, dotted, noise, unclear, low-res, over-smoothed"
 
