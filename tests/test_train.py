@@ -97,7 +97,8 @@ def test_zero_stage_trains_and_loss_falls(shards, tmp_path, stage):
 
 def test_relaunch_resumes_with_same_step_and_identical_losses(reference, shards, tmp_path):
     run = tmp_path / "run"
-    assert launch_main(_args(shards, run, "deepspeed.stage=2", "train.max_steps=2")) == 0
+    assert launch_main(_args(shards, run, "deepspeed.stage=2", "train.max_steps=2",
+                                   "train.export_with_checkpoint=false")) == 0
     assert latest_checkpoint(open_store(str(run)))[1].step == 2
     # a new process in real life; here a new Ray Train run on the same --output with a higher step budget
     assert launch_main(_args(shards, run, "deepspeed.stage=2", "train.max_steps=4")) == 0
@@ -113,7 +114,8 @@ def test_relaunch_resumes_with_same_step_and_identical_losses(reference, shards,
 def test_injected_fault_is_survived_with_checkpoints_on_s3(reference, shards, bucket, monkeypatch):
     monkeypatch.setenv("PIPELINE_FAULT_AT_STEP", "3")
     uri = f"s3://{bucket}/runs/faulty"
-    assert launch_main(_args(shards, uri, "deepspeed.stage=2", "train.max_failures=1")) == 0
+    assert launch_main(_args(shards, uri, "deepspeed.stage=2", "train.max_failures=1",
+                                  "train.export_with_checkpoint=false")) == 0
     run = open_store(uri)
     assert run.exists("faults/step-00000003.json")  # the fault really fired, once
     files = set(run.list())
