@@ -133,7 +133,6 @@ def test_injected_fault_is_survived_with_checkpoints_on_s3(reference, shards, bu
 def test_export_loads_into_the_one_image_pipeline(reference, shards):
     import torch
 
-    import training.model  # noqa: F401  (diffusers resolves the export's "training.model" class only once imported)
     from pipeline.shards import decode_member, read_tar
     from training.sr_pipeline import SpatialSemanticSRPipeline
 
