@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -212,3 +213,18 @@ def build_parser(prog: str, description: str, sections: Sequence[str]) -> argpar
 
 def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides, input=args.input, output=args.output)
+
+
+def parse_cli(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, default_input: str, default_output: str
+) -> tuple[argparse.Namespace, Config]:
+    """Parse an entry point's command line: logging on, config errors reported by argparse, default URIs."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    cfg.input = cfg.input or default_input
+    cfg.output = cfg.output or default_output
+    return args, cfg

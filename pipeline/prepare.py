@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.config import Config, ConfigError, build_parser, config_from_args, config_to_yaml
+from pipeline.config import Config, ConfigError, build_parser, config_to_yaml, parse_cli
 from pipeline.runtime import init_ray
 from pipeline.shard_phase import PAIRS_DIR, plan_shards, run_shard_phase
 from pipeline.shards import done_indices, load_marker
@@ -105,16 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "HR images (local folder or s3://) -> degraded, annotated WebDataset shards under OUTPUT/shards.",
         ["data", "degradation", "prepare", "models", "annotate"],
     )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as exc:
-        parser.error(str(exc))
-    if cfg.input is None:
-        cfg.input = default_input()
-    if cfg.output is None:
-        cfg.output = DEFAULT_OUTPUT
+    _, cfg = parse_cli(parser, argv, default_input(), DEFAULT_OUTPUT)
     try:
         summary = run_prepare(cfg)
     except (FileNotFoundError, ConfigError) as exc:

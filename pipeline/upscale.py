@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from importlib.util import find_spec
 from typing import Any
 
-from pipeline.config import Config, ConfigError, build_parser, config_from_args, config_to_yaml
+from pipeline.config import Config, ConfigError, build_parser, config_to_yaml, parse_cli
 from pipeline.runtime import init_ray
 from pipeline.storage import Store, open_store
 from stages.read import reject_reason
@@ -176,16 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default=None,
                         help="SpatialSemanticSRPipeline folder, local or s3:// (a training run's RUN_URI/export); "
                              "default: the untrained tiny-profile build")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        cfg = config_from_args(args)
-        if args.model:
-            cfg.upscale.model = args.model
-    except ConfigError as exc:
-        parser.error(str(exc))
-    cfg.input = cfg.input or default_input()
-    cfg.output = cfg.output or DEFAULT_OUTPUT
+    args, cfg = parse_cli(parser, argv, default_input(), DEFAULT_OUTPUT)
+    if args.model:
+        cfg.upscale.model = args.model
     try:
         summary = run_upscale(cfg)
     except (FileNotFoundError, ConfigError) as exc:

@@ -54,6 +54,14 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict[str, str]:
+    """The tiny SD parts and image encoders, built once per session and loaded by path like real weights."""
+    from pipeline.profiles import ensure_tiny
+
+    return ensure_tiny(tmp_path_factory.mktemp("tiny-models"), ("sd", "clip_vision", "dinov2"))
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1; yields a boto3 client."""
     import boto3

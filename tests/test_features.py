@@ -7,13 +7,12 @@ import pytest
 import torch
 
 from pipeline import tiny_sd
-from pipeline.profiles import ensure_tiny
 from stages import features
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory) -> dict[str, str]:
-    return ensure_tiny(tmp_path_factory.mktemp("models"), ("sd", "clip_vision", "dinov2"))
+def paths(tiny) -> dict[str, str]:
+    return tiny
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import torch
 from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
 from pipeline.config_model import LossConfig, ModelConfig
-from pipeline.profiles import ensure_tiny
 from pipeline.tiny_sd import CLIP_VISION_DIM, DINO_DIM, TEXT_DIM
 from stages.features import ImageEncoders, encode_prompts, vae_posterior
 from training import losses
@@ -18,21 +17,6 @@ from training.objective import SRObjective, to_uint8
 
 MODES = [("gated", "standard"), ("attention", "standard"), ("gated", "lgcaa")]
 K = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 cores shared with other test processes, two OpenMP threads per
-    process oversubscribe the CPU and run some steps 30x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return ensure_tiny(tmp_path_factory.mktemp("models"), ("sd", "clip_vision", "dinov2"))
 
 
 @pytest.fixture(scope="module")

@@ -11,27 +11,11 @@ import torch
 from diffusers import DDIMScheduler, UniPCMultistepScheduler
 
 from pipeline.config_model import LossConfig, ModelConfig
-from pipeline.profiles import ensure_tiny
 from training.model import SpatialSemanticControlNet
 from training.objective import SRObjective
 from training.sr_pipeline import NEGATIVE_PROMPT, SpatialSemanticSRPipeline
 
 MODES = [("gated", "standard"), ("attention", "standard"), ("gated", "lgcaa")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 cores shared with other test processes, two OpenMP threads per
-    process oversubscribe the CPU and run some steps 30x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return ensure_tiny(tmp_path_factory.mktemp("models"), ("sd", "clip_vision", "dinov2"))
 
 
 def lr_image(h: int = 20, w: int = 28, seed: int = 0) -> np.ndarray:

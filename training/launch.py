@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.config import Config, ConfigError, build_parser, config_from_args, config_to_yaml
+from pipeline.config import Config, ConfigError, build_parser, config_to_yaml, parse_cli
 from pipeline.runtime import init_ray
 from training.checkpoints import open_run, ray_storage
 from training.data import DataError, plan_shards
@@ -107,16 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "metrics, samples and the diffusers export go under OUTPUT (local or s3://). Relaunch to resume.",
         ["train", "deepspeed", "models"],
     )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as exc:
-        parser.error(str(exc))
-    if cfg.input is None:
-        cfg.input = DEFAULT_INPUT
-    if cfg.output is None:
-        cfg.output = DEFAULT_OUTPUT
+    _, cfg = parse_cli(parser, argv, DEFAULT_INPUT, DEFAULT_OUTPUT)
     try:
         summary = run_training(cfg)
     except (DataError, FileNotFoundError, ConfigError) as exc:
