@@ -102,7 +102,9 @@ def test_killed_run_resumes_to_identical_shards(corpus, reference_run, tmp_path)
     assert 0 < done_before < len(expected) // 2, "killed part-way"
     assert prepare_main(["--input", str(folder), "--output", str(out), *SHARD_ONLY]) == 0
     assert _shards(out / "pairs") == expected
-    assert json.loads((out / "summary.json").read_text())["phases"]["shard"]["skipped"] == done_before
+    # the killed driver's Ray workers may finish the shard in flight before they notice, so the rerun
+    # can find more finished shards than were counted right after the kill, never fewer
+    assert json.loads((out / "summary.json").read_text())["phases"]["shard"]["skipped"] >= done_before
 
 
 def test_input_and_output_on_s3(bucket, s3_server, tmp_path, ray_cluster):
