@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -225,6 +226,14 @@ def parse_cli(
         cfg = config_from_args(args)
     except ConfigError as exc:
         parser.error(str(exc))
-    cfg.input = cfg.input or default_input
-    cfg.output = cfg.output or default_output
+    cfg.input = absolute_uri(cfg.input or default_input)
+    cfg.output = absolute_uri(cfg.output or default_output)
     return args, cfg
+
+
+def absolute_uri(uri: str) -> str:
+    """``s3://`` URIs as given; local paths made absolute, because Ray Train workers run in their own
+    working directory, where a relative ``--output`` would land in Ray's session folder."""
+    if "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from importlib.util import find_spec
 from typing import Any
 
-from pipeline.config import Config, ConfigError, build_parser, config_to_yaml, parse_cli
+from pipeline.config import Config, ConfigError, absolute_uri, build_parser, config_to_yaml, parse_cli
 from pipeline.runtime import init_ray
 from pipeline.storage import Store, open_store
 from stages.read import reject_reason
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "default: the untrained tiny-profile build")
     args, cfg = parse_cli(parser, argv, default_input(), DEFAULT_OUTPUT)
     if args.model:
-        cfg.upscale.model = args.model
+        cfg.upscale.model = absolute_uri(args.model)
     try:
         summary = run_upscale(cfg)
     except (FileNotFoundError, ConfigError) as exc:

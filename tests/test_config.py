@@ -73,3 +73,16 @@ def test_help_lists_keys_with_defaults(capsys):
     out = capsys.readouterr().out
     for key in ("data.hr_size = 512", "data.scale = 4", "degradation.preset = 'xpsr'", "--set KEY=VALUE"):
         assert key in out
+
+
+def test_cli_makes_local_uris_absolute_and_keeps_s3(tmp_path, monkeypatch):
+    # Ray Train workers run in their own working directory: a relative --output must not land there
+    from pipeline.config import build_parser, parse_cli
+
+    monkeypatch.chdir(tmp_path)
+    parser = build_parser("t", "t", ["data"])
+    _, cfg = parse_cli(parser, ["--input", "s3://bucket/hr", "--output", "runs/x"], "unused", "unused")
+    assert cfg.input == "s3://bucket/hr"
+    assert cfg.output == str(tmp_path / "runs" / "x")
+    _, cfg = parse_cli(parser, [], "photos", "out")
+    assert (cfg.input, cfg.output) == (str(tmp_path / "photos"), str(tmp_path / "out"))
