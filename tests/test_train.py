@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,11 @@ def test_injected_fault_is_survived_with_checkpoints_on_s3(reference, shards, bu
     # restarted from the step-2 checkpoint, the data stream and the losses continue as if nothing happened
     for step in (3, 4):
         assert faulty[step]["loss"] == ref[step]["loss"], (step, faulty[step]["loss"], ref[step]["loss"])
+    # credentials never reach what the run writes (configs, metrics, markers)
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    for name in files:
+        if name.endswith((".yaml", ".json", ".jsonl")):
+            assert secret not in run.read(name), name
 
 
 def test_export_loads_into_the_one_image_pipeline(reference, shards):
