@@ -34,6 +34,15 @@ def enabled_stages(cfg: Config) -> list[str]:
     return [name for name in STAGE_ORDER if getattr(cfg.annotate, name).enabled]
 
 
+def check_stages(names: list[str]) -> list[str]:
+    """``names`` in pipeline order, refusing grounding without the captions that name its objects."""
+    names = [name for name in STAGE_ORDER if name in names]
+    if "grounding" in names and "captions" not in names:
+        raise ConfigError("the grounding stage needs the objects named by the captions stage: enable captions "
+                          "(annotate.captions.enabled, or upscale.stages) or turn grounding off")
+    return names
+
+
 def load_pairs(batch: dict[str, np.ndarray], store: Store) -> dict[str, np.ndarray]:
     """Rows of the pairs shards named in ``batch["shard"]``: key, shard, source, hr, lr, status, error."""
     cols: dict[str, list] = defaultdict(list)
@@ -102,17 +111,12 @@ def stage_ids(cfg: Config, names: list[str]) -> dict[str, str]:
     return {name: ids[name]() for name in names}
 
 
-def check_stages(cfg: Config) -> list[str]:
-    """The enabled stages, refusing combinations that cannot work."""
-    names = enabled_stages(cfg)
-    if "grounding" in names and "captions" not in names:
-        raise ConfigError("annotate.grounding needs the objects named by annotate.captions: "
-                          "enable annotate.captions or set annotate.grounding.enabled=false")
-    return names
+def annotate_dataset(ds, cfg: Config, names: list[str], paths: dict[str, str], whole_blocks: bool = True):
+    """Chain the stages ``names`` on ``ds``, one actor pool each, sized by ``annotate.<stage>``.
 
-
-def annotate_dataset(ds, cfg: Config, names: list[str], paths: dict[str, str]):
-    """Chain the enabled stages on ``ds``, one actor pool each, sized by ``annotate.<stage>``."""
+    ``whole_blocks``: prepare hands each stage one shard per call (the stage micro-batches within it,
+    so a resumed shard gets the same bytes); upscale streams ``annotate.<stage>.batch_size`` rows.
+    """
     import ray
 
     for name in names:
@@ -120,7 +124,7 @@ def annotate_dataset(ds, cfg: Config, names: list[str], paths: dict[str, str]):
         ds = ds.map_batches(
             _stage_factory(name),
             fn_constructor_kwargs={"cfg": cfg, "paths": paths},
-            batch_size=None,  # whole blocks (one shard each); the stage micro-batches within the shard
+            batch_size=None if whole_blocks else pool.batch_size,
             batch_format="numpy",
             num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus or None,
@@ -146,7 +150,7 @@ def run_annotate_phase(cfg: Config, num_shards: int) -> dict[str, Any]:
             f"annotate needs the pairs shards first: {len(missing)} missing under {pairs.uri} "
             f"(e.g. shard {missing[0]}); run with prepare.phases=[shard, annotate]"
         )
-    names = check_stages(cfg)
+    names = check_stages(enabled_stages(cfg))
     pending = sorted(set(range(num_shards)) - done_indices(final))
     paths = resolve_models(cfg.models)
     ids = stage_ids(cfg, names)

@@ -59,6 +59,11 @@ class DataConfig(Section):
     def effective_min_size(self) -> int:
         return self.min_size if self.min_size is not None else self.hr_size
 
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        """``extensions`` as lower-case suffixes with their dot, for listing."""
+        return tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in self.extensions)
+
 
 class DegradationConfig(Section):
     preset: Literal["xpsr", "realesrgan"] = "xpsr"
@@ -229,6 +234,13 @@ def parse_cli(
     cfg.input = absolute_uri(cfg.input or default_input)
     cfg.output = absolute_uri(cfg.output or default_output)
     return args, cfg
+
+
+def sample_photos() -> str:
+    """The bundled sample photos: scikit-image's data folder, installed as a dependency."""
+    import skimage.data
+
+    return skimage.data.data_dir
 
 
 def absolute_uri(uri: str) -> str:

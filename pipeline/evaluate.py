@@ -111,7 +111,7 @@ def run_evaluate(cfg: Config, ecfg: EvaluateConfig) -> dict[str, Any]:
     sr_store, hr_store, out = store(cfg.input), store(ecfg.reference), store(cfg.output)
     lr_store = store(ecfg.lr) if ecfg.lr else None
     out.write("config.yaml", config_to_yaml(cfg).encode())
-    suffixes = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in cfg.data.extensions)
+    suffixes = cfg.data.suffixes
     outputs, references = sr_store.list(suffixes), hr_store.list(suffixes)
     if not outputs:
         raise FileNotFoundError(f"no images ({', '.join(suffixes)}) found under {cfg.input}")

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.config import Config, ConfigError, build_parser, config_to_yaml, parse_cli
+from pipeline.config import Config, ConfigError, build_parser, config_to_yaml, parse_cli, sample_photos
 from pipeline.runtime import init_ray
 from pipeline.shard_phase import PAIRS_DIR, plan_shards, run_shard_phase
 from pipeline.shards import done_indices, load_marker
@@ -25,16 +25,9 @@ log = logging.getLogger("pipeline.prepare")
 DEFAULT_OUTPUT = "runs/prepare"
 
 
-def default_input() -> str:
-    """The bundled sample photos: scikit-image's data folder, installed as a dependency."""
-    import skimage.data
-
-    return skimage.data.data_dir
-
-
 def list_inputs(cfg: Config) -> list[str]:
     store = open_store(cfg.input, cfg.storage.endpoint_url, cfg.storage.region)
-    suffixes = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in cfg.data.extensions)
+    suffixes = cfg.data.suffixes
     files = store.list(suffixes)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(suffixes)}) found under {cfg.input}")
@@ -105,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "HR images (local folder or s3://) -> degraded, annotated WebDataset shards under OUTPUT/shards.",
         ["data", "degradation", "prepare", "models", "annotate"],
     )
-    _, cfg = parse_cli(parser, argv, default_input(), DEFAULT_OUTPUT)
+    _, cfg = parse_cli(parser, argv, sample_photos(), DEFAULT_OUTPUT)
     try:
         summary = run_prepare(cfg)
     except (FileNotFoundError, ConfigError) as exc:

@@ -15,29 +15,25 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from importlib.util import find_spec
 from typing import Any
 
-from pipeline.config import Config, ConfigError, absolute_uri, build_parser, config_to_yaml, parse_cli
+from pipeline.annotate_phase import annotate_dataset, check_stages
+from pipeline.config import (
+    Config,
+    ConfigError,
+    absolute_uri,
+    build_parser,
+    config_to_yaml,
+    parse_cli,
+    sample_photos,
+)
 from pipeline.runtime import init_ray
 from pipeline.storage import Store, open_store
 from stages.read import reject_reason
 
 log = logging.getLogger("pipeline.upscale")
 DEFAULT_OUTPUT = "runs/upscale"
-ANNOTATION_STAGES = {"captions": "stages.captions", "grounding": "stages.grounding", "embeddings": "stages.embeddings"}
 SUMMARY = "summary.json"
-
-
-def default_input() -> str:
-    """The bundled sample photos (scikit-image's data folder), as for prepare."""
-    import skimage.data
-
-    return skimage.data.data_dir
-
-
-def _suffixes(cfg: Config) -> tuple[str, ...]:
-    return tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in cfg.data.extensions)
 
 
 def _nested_prefix(inp: Store, out: Store) -> str | None:
@@ -48,32 +44,27 @@ def _nested_prefix(inp: Store, out: Store) -> str | None:
 
 def list_pending(cfg: Config, inp: Store, out: Store) -> tuple[list[str], list[str]]:
     """(inputs to upscale, inputs skipped because their output exists), both sorted."""
-    files = inp.list(_suffixes(cfg))
+    suffixes = cfg.data.suffixes
     nested = _nested_prefix(inp, out)
+    if nested == "":
+        raise ConfigError(f"--output {out.uri} is the input folder: the outputs would replace the originals; "
+                          "choose another folder (one inside the input is fine)")
+    files = inp.list(suffixes)
     if nested:
         files = [f for f in files if not f.startswith(nested)]
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(_suffixes(cfg))}) found under {cfg.input}")
-    done = set(out.list(_suffixes(cfg))) if cfg.upscale.skip_existing else set()
+        raise FileNotFoundError(f"no images ({', '.join(suffixes)}) found under {cfg.input}")
+    done = set(out.list(suffixes)) if cfg.upscale.skip_existing else set()
     return [f for f in files if f not in done], [f for f in files if f in done]
 
 
 def enabled_stages(cfg: Config) -> list[str]:
-    """Annotation stages to run: ``upscale.stages`` if given, else those installed and enabled in ``annotate``."""
+    """Annotation stages to run: ``upscale.stages`` if given, else those enabled in ``annotate``."""
     if cfg.upscale.stages is not None:
-        missing = [s for s in cfg.upscale.stages if find_spec(ANNOTATION_STAGES[s]) is None]
-        if missing:
-            raise ConfigError(f"upscale.stages names {missing}, which are not installed (modules {ANNOTATION_STAGES})")
-        return list(cfg.upscale.stages)
+        return check_stages(list(cfg.upscale.stages))
     # embeddings only feed visual_tokens=image; with "tile" the diffusion stage encodes each tile's own crop
     wanted = ("captions", "grounding") + (("embeddings",) if cfg.upscale.visual_tokens == "image" else ())
-    return [s for s in wanted if getattr(cfg.annotate, s).enabled and find_spec(ANNOTATION_STAGES[s]) is not None]
-
-
-def _stage_class(name: str) -> type:
-    from stages import captions, embeddings, grounding
-
-    return {"captions": captions.Captioner, "grounding": grounding.Grounder, "embeddings": embeddings.Embedder}[name]
+    return check_stages([s for s in wanted if getattr(cfg.annotate, s).enabled])
 
 
 def _read(batch: dict, **kwargs: Any) -> dict:
@@ -88,7 +79,8 @@ def _write(batch: dict, store: Store) -> dict:
     return WriteOutputs(store)(batch)
 
 
-def run_pipeline(cfg: Config, pending: list[str], inp: Store, out: Store, model_path: str) -> list[dict[str, Any]]:
+def run_pipeline(cfg: Config, pending: list[str], inp: Store, out: Store, model_path: str,
+                 names: list[str]) -> list[dict[str, Any]]:
     """Upscale ``pending`` on Ray Data; returns one small row per input (path, status, error, sizes, times)."""
     import ray
 
@@ -99,18 +91,10 @@ def run_pipeline(cfg: Config, pending: list[str], inp: Store, out: Store, model_
     read = {"store": inp, "max_pixels": ucfg.max_input_pixels, "min_size": ucfg.min_input_size,
             "max_bytes": cfg.data.max_bytes}
     ds = ds.map_batches(_read, fn_kwargs=read, batch_size=1, num_cpus=ucfg.read_num_cpus, batch_format="numpy")
-    names = enabled_stages(cfg)
     if names:
         from pipeline.profiles import resolve_models
 
-        paths = resolve_models(cfg.models)
-        for name in names:
-            pool = getattr(cfg.annotate, name)
-            ds = ds.map_batches(
-                _stage_class(name), fn_constructor_kwargs={"cfg": cfg, "paths": paths}, batch_size=pool.batch_size,
-                batch_format="numpy", num_cpus=pool.num_cpus, num_gpus=pool.num_gpus or None,
-                compute=ray.data.ActorPoolStrategy(size=pool.pool_size),
-            )
+        ds = annotate_dataset(ds, cfg, names, resolve_models(cfg.models), whole_blocks=False)
     pool = ucfg.diffuse
     ds = ds.map_batches(
         Diffuser, fn_constructor_kwargs={"cfg": cfg, "model_path": model_path}, batch_size=pool.batch_size,
@@ -152,16 +136,16 @@ def run_upscale(cfg: Config) -> dict[str, Any]:
     start = time.time()
     inp = open_store(cfg.input, cfg.storage.endpoint_url, cfg.storage.region)
     out = open_store(cfg.output, cfg.storage.endpoint_url, cfg.storage.region)
+    stages = enabled_stages(cfg)
     pending, skipped = list_pending(cfg, inp, out)
     out.write("config.yaml", config_to_yaml(cfg).encode())
     log.info("%d inputs: %d to upscale, %d skipped (output exists)", len(pending) + len(skipped), len(pending), len(skipped))
-    stages = enabled_stages(cfg)
     rows: list[dict[str, Any]] = []
     model = ""
     if pending:
         model = resolve_model(cfg)
         init_ray(cfg.ray, progress=True)
-        rows = run_pipeline(cfg, pending, inp, out, model)
+        rows = run_pipeline(cfg, pending, inp, out, model, stages)
     summary = summarize(cfg, rows, skipped, time.time() - start, model or str(cfg.upscale.model), stages)
     out.write(SUMMARY, json.dumps(summary, indent=1, sort_keys=True).encode())
     return summary
@@ -176,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default=None,
                         help="SpatialSemanticSRPipeline folder, local or s3:// (a training run's RUN_URI/export); "
                              "default: the untrained tiny-profile build")
-    args, cfg = parse_cli(parser, argv, default_input(), DEFAULT_OUTPUT)
+    args, cfg = parse_cli(parser, argv, sample_photos(), DEFAULT_OUTPUT)
     if args.model:
         cfg.upscale.model = absolute_uri(args.model)
     try:

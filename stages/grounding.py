@@ -5,7 +5,8 @@ predicted query box the stage scores each phrase by the highest token probabilit
 tokens; a box is kept when its best phrase scores above ``box_threshold`` and ``text_threshold``.
 Then per-phrase NMS (in torch: torchvision is never required), sorted by score, at most ``max_boxes``
 (the smaller of ``annotate.grounding.max_boxes`` and ``model.max_boxes``). Without an ``hr`` column (upscale)
-the detector sees the LR upsampled by ``data.scale``; coordinates are normalized, so they are the HR frame's.
+the detector sees the LR as it is: its processor resizes every image to its own input size anyway, and
+coordinates are normalized, so they are the output frame's (upsampling a 16 MP input first would cost GBs).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from pipeline.config import Config
 from pipeline.profiles import model_id
@@ -88,7 +88,6 @@ class Grounder(AnnotationStage):
         self.cfg = g
         model_cfg = getattr(cfg, "model", None)
         self.max_boxes = min(g.max_boxes, getattr(model_cfg, "max_boxes", g.max_boxes))
-        self.scale = cfg.data.scale
         self.model_id = model_id(cfg.models, "grounding_dino")
         self.processor = AutoProcessor.from_pretrained(paths["grounding_dino"])
         self.model = GroundingDinoForObjectDetection.from_pretrained(
@@ -96,11 +95,7 @@ class Grounder(AnnotationStage):
         ).to(cfg.models.device).eval()
 
     def _image(self, batch: dict[str, Any], i: int) -> np.ndarray:
-        if "hr" in batch:
-            return np.asarray(batch["hr"][i], np.uint8)
-        lr = np.asarray(batch["lr"][i], np.uint8)
-        size = (lr.shape[1] * self.scale, lr.shape[0] * self.scale)
-        return np.asarray(Image.fromarray(lr).resize(size, Image.Resampling.BICUBIC))
+        return np.asarray(batch["hr" if "hr" in batch else "lr"][i], np.uint8)
 
     @torch.no_grad()
     def process(self, batch: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:

@@ -101,7 +101,7 @@ def test_injected_failure_rejects_one_row_and_later_stages_skip_it(cfg, paths, s
     assert not out["latent"][1].any() and out["latent"][0].any()  # placeholder, same shape, never computed
 
 
-def test_without_hr_grounding_uses_upsampled_lr_and_hr_outputs_are_skipped(stages):
+def test_without_hr_grounding_uses_the_lr_and_hr_outputs_are_skipped(stages):
     out = _run(stages, _batch(hr=False))
     assert {"clip_hr", "dino_hr", "latent"}.isdisjoint(out) and out["text"].shape[0] == 5
     assert all(len(p) == len(b) for p, b in zip(out["phrases"], out["boxes"], strict=True))

@@ -205,3 +205,18 @@ def test_whole_image_tokens_come_from_the_embeddings_stage(tiny_pipe, monkeypatc
     _upscaler(tiny_pipe, visual_tokens="tile", steps=2, realism=1.0)(lr, seed=0)
     tiles = seen[0]
     assert len(tiles) > 1 and not torch.allclose(tiles[0], tiles[-1]), "each tile sees its own crop"
+
+
+def test_output_equal_to_input_and_grounding_without_captions_are_refused(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(skimage_photo("coffee.png")[:40, :60]).save(photos / "a.png")
+    before = sorted(p.name for p in photos.iterdir())
+    # in place, the outputs would replace the originals: refused before anything is written
+    assert main(["--input", str(photos), "--output", str(photos)]) == 1
+    assert "replace the originals" in capsys.readouterr().err
+    assert sorted(p.name for p in photos.iterdir()) == before
+    out = tmp_path / "out"
+    assert main(["--input", str(photos), "--output", str(out), "--set", "upscale.stages=[grounding]"]) == 1
+    assert "needs the objects named by the captions stage" in capsys.readouterr().err
+    assert not out.exists()
