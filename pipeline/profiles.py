@@ -36,24 +36,27 @@ def _builder(name: str) -> Callable[[Path], None]:
     return getattr(importlib.import_module(module), func)
 
 
+def build_once(target: Path, build: Callable[[Path], None], what: str) -> str:
+    """Run ``build(target)`` once across processes (a file lock); a marker file says the folder is complete,
+    so a build killed half-way is redone from scratch."""
+    done = target / ".complete"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not done.exists():
+        with FileLock(str(target) + ".lock"):
+            if not done.exists():
+                log.info("building %s into %s", what, target)
+                shutil.rmtree(target, ignore_errors=True)
+                target.mkdir(parents=True)
+                build(target)
+                done.write_text("ok")
+    return str(target)
+
+
 def ensure_tiny(cache_dir: str | Path, names: tuple[str, ...] = MODEL_NAMES) -> dict[str, str]:
     """Build (once) and return the paths of the tiny models ``names``."""
     root = Path(cache_dir).expanduser().resolve() / f"tiny-v{TINY_VERSION}"
-    root.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name in names:
-        target = root / name
-        done = target / ".complete"
-        if not done.exists():
-            with FileLock(str(root / f"{name}.lock")):
-                if not done.exists():
-                    log.info("building tiny %s into %s", name, target)
-                    shutil.rmtree(target, ignore_errors=True)
-                    target.mkdir(parents=True)
-                    _builder(name)(target)
-                    done.write_text(TINY_VERSION)
-        paths[name] = str(target)
-    return paths
+    # the builder is imported only when a model must be built
+    return {name: build_once(root / name, lambda t, n=name: _builder(n)(t), f"tiny {name}") for name in names}
 
 
 def resolve_models(cfg: ModelsConfig) -> dict[str, str]:

@@ -11,37 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 from pathlib import Path
 
-from filelock import FileLock
-
 from pipeline.config import Config, ConfigError
+from pipeline.profiles import TINY_VERSION, build_once, ensure_tiny
 from pipeline.storage import open_store
 
 log = logging.getLogger(__name__)
 UNTRAINED = "sr-untrained"
-DONE = ".complete"
-
-
-def _locked_build(target: Path, build, what: str) -> str:
-    """Run ``build(target)`` once across processes; a marker file says the folder is complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not (target / DONE).exists():
-        with FileLock(str(target) + ".lock"):
-            if not (target / DONE).exists():
-                log.info("building %s into %s", what, target)
-                shutil.rmtree(target, ignore_errors=True)
-                target.mkdir(parents=True)
-                build(target)
-                (target / DONE).write_text("ok")
-    return str(target)
 
 
 def build_untrained(cfg: Config) -> str:
     """The untrained SpatialSemanticSRPipeline of the tiny profile (built once into models.cache_dir)."""
-    from pipeline.profiles import TINY_VERSION, ensure_tiny
-
     paths = ensure_tiny(cfg.models.cache_dir, ("sd", "clip_vision", "dinov2"))
     digest = hashlib.sha256(cfg.model.model_dump_json().encode()).hexdigest()[:10]
     target = Path(cfg.models.cache_dir).expanduser().resolve() / f"tiny-v{TINY_VERSION}" / f"{UNTRAINED}-{digest}"
@@ -51,7 +32,7 @@ def build_untrained(cfg: Config) -> str:
 
         SRObjective.from_paths(paths, cfg.model, cfg.loss).export(str(folder))
 
-    return _locked_build(target, build, "the untrained tiny SR pipeline")
+    return build_once(target, build, "the untrained tiny SR pipeline")
 
 
 def fetch_remote(uri: str, cfg: Config) -> str:
@@ -69,7 +50,7 @@ def fetch_remote(uri: str, cfg: Config) -> str:
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(store.read(rel))
 
-    return _locked_build(target, build, f"the model {store.uri}")
+    return build_once(target, build, f"the model {store.uri}")
 
 
 def resolve_model(cfg: Config) -> str:
