@@ -77,7 +77,7 @@ class Diffuser:
 
     def upscale_one(self, lr: np.ndarray, caption_high: str, caption_low: str, phrases: list[str],
                     boxes: np.ndarray, source: str, tokens: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-        seed = stable_seed(self.cfg.upscale.seed, source) % (2**63)
+        seed = stable_seed(self.cfg.upscale.seed, source)  # 63 bits: a valid torch seed
         return self.upscaler(lr, caption_high, caption_low, phrases, boxes, seed=seed, image_tokens=tokens)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -190,23 +190,22 @@ class TiledUpscaler:
         conds = self._conditioning(lr, tiles, (prompt, caption_low or ""), list(phrases or []),
                                    np.zeros((0, 4), np.float32) if boxes is None else boxes, do_cfg, tokens)
         masks = [tile_mask(y, x, th, tw, lat_h, lat_w, cfg.tile_overlap).to(self.device) for y, x, th, tw in tiles]
+        weight = torch.zeros(1, 1, lat_h, lat_w, device=self.device)  # the same blend weights at every step
+        for (y, x, th, tw), m in zip(tiles, masks, strict=True):
+            weight[:, :, y : y + th, x : x + tw] += m
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         # predict_noise scales its input with the pipeline's scheduler (Euler's sigma scaling): make it ours
         self.pipe.scheduler = scheduler
         for t in timesteps:
-            model_in = latents
             pred = torch.zeros_like(latents)
-            weight = torch.zeros(1, 1, lat_h, lat_w, device=self.device)
             for c, cond in enumerate(conds):
                 chunk = tiles[c * cfg.tile_batch : (c + 1) * cfg.tile_batch]
-                lat = torch.cat([model_in[:, :, y : y + th, x : x + tw] for y, x, th, tw in chunk])
+                lat = torch.cat([latents[:, :, y : y + th, x : x + tw] for y, x, th, tw in chunk])
                 ctrl = torch.cat([src.region(y * f, (y + th) * f, x * f, (x + tw) * f) for y, x, th, tw in chunk])
                 eps = self.pipe.predict_noise(lat.to(self.dtype), t, ctrl.to(self.dtype), cond,
                                               plan.guidance_scale, plan.conditioning_scale).float()
                 for k, (y, x, th, tw) in enumerate(chunk):
-                    m = masks[c * cfg.tile_batch + k]
-                    pred[:, :, y : y + th, x : x + tw] += eps[k : k + 1] * m
-                    weight[:, :, y : y + th, x : x + tw] += m
+                    pred[:, :, y : y + th, x : x + tw] += eps[k : k + 1] * masks[c * cfg.tile_batch + k]
             latents = scheduler.step(pred / weight, t, latents, **step_kwargs).prev_sample
         # realism's last term and the wavelet colour fix are one operation: which bands come from the model
         levels = plan.model_levels
