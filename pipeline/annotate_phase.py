@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.config import Config, ConfigError
 from pipeline.shard_phase import PAIRS_DIR
-from pipeline.shards import ShardWriter, decode_member, done_indices, load_marker, read_tar
+from pipeline.shards import ShardWriter, decode_member, done_indices, load_marker, read_tar, shard_name
 from pipeline.storage import Store, open_store
 from stages.columns import object_array
 
@@ -47,7 +47,7 @@ def load_pairs(batch: dict[str, np.ndarray], store: Store) -> dict[str, np.ndarr
     """Rows of the pairs shards named in ``batch["shard"]``: key, shard, source, hr, lr, status, error."""
     cols: dict[str, list] = defaultdict(list)
     for index in batch["shard"]:
-        for key, members in read_tar(store.read(f"shard-{int(index):06d}.tar")):
+        for key, members in read_tar(store.read(shard_name(int(index)))):
             cols["key"].append(key)
             cols["shard"].append(int(index))
             cols["source"].append(decode_member("json", members["json"])["source"])
@@ -66,17 +66,17 @@ def load_pairs(batch: dict[str, np.ndarray], store: Store) -> dict[str, np.ndarr
 
 
 def write_final_shard(
-    pairs: Store, final: Store, index: int, rows: list[dict[str, Any]], stages: dict[str, str]
+    pairs: Store, final: Store, index: int, pair_marker: dict[str, Any], rows: list[dict[str, Any]],
+    stages: dict[str, str],
 ) -> dict[str, Any]:
     """Merge one shard's annotation rows with its pairs members and write the final shard + marker."""
     from stages.annotations import row_to_members
 
-    pair_marker = load_marker(pairs, index)
     by_key = {r["key"]: r for r in rows}
     writer = ShardWriter(final, index)
     for rej in pair_marker["rejected"]:
         writer.reject(rej["source"], rej["reason"])
-    for key, members in read_tar(pairs.read(f"shard-{index:06d}.tar")):
+    for key, members in read_tar(pairs.read(shard_name(index))):
         row = by_key.get(key)
         if row is None:
             raise RuntimeError(f"shard {index}: no annotation row came back for key {key!r}")
@@ -161,9 +161,10 @@ def run_annotate_phase(cfg: Config, num_shards: int) -> dict[str, Any]:
     wave_size = cfg.annotate.shards_per_wave
     for w in range(0, len(pending), wave_size):
         wave = pending[w : w + wave_size]
-        expected = {i: load_marker(pairs, i)["count"] for i in wave}
+        pair_markers = {i: load_marker(pairs, i) for i in wave}
+        expected = {i: marker["count"] for i, marker in pair_markers.items()}
         grouped: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        writes = [writer.remote(pairs, final, i, [], ids) for i in wave if expected[i] == 0]
+        writes = [writer.remote(pairs, final, i, pair_markers[i], [], ids) for i in wave if expected[i] == 0]
         todo = [i for i in wave if expected[i] > 0]
         if todo:
             ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
@@ -175,7 +176,7 @@ def run_annotate_phase(cfg: Config, num_shards: int) -> dict[str, Any]:
                 seconds.update({k[len("seconds_"):]: float(v) for k, v in row.items() if k.startswith("seconds_")})
                 annotated += 1
                 if len(grouped[index]) == expected[index]:  # shard complete: write it while the rest runs
-                    writes.append(writer.remote(pairs, final, index, grouped.pop(index), ids))
+                    writes.append(writer.remote(pairs, final, index, pair_markers[index], grouped.pop(index), ids))
         ray.get(writes)
         if grouped:
             raise RuntimeError(f"annotate: rows missing for shards {sorted(grouped)} (expected {expected})")

@@ -14,12 +14,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from pipeline.annotate_phase import FINAL_DIR
 from pipeline.shard_phase import PAIRS_DIR
-from pipeline.shards import decode_member, done_indices, encode_png, read_tar, shard_name
+from pipeline.shards import decode_member, done_indices, encode_png, load_marker, read_tar, shard_name
 from pipeline.storage import Store, open_store
 
 log = logging.getLogger("pipeline.pairs_export")
-FINAL_DIR = "shards"
 
 
 def shard_folder(prepared: Store) -> Store:
@@ -35,7 +35,8 @@ def shard_folder(prepared: Store) -> Store:
 def export_pairs(prepared: Store, out: Store, last: int = 1, limit: int | None = None) -> list[str]:
     """Write the LR/HR pairs of the last ``last`` finished shards; returns the keys written."""
     folder = shard_folder(prepared)
-    indices = sorted(done_indices(folder))[-last:]
+    # the shards training holds out: the last ones that hold samples (training skips empty shards too)
+    indices = [i for i in sorted(done_indices(folder)) if load_marker(folder, i)["count"]][-last:]
     keys: list[str] = []
     for index in indices:
         for key, members in read_tar(folder.read(shard_name(index))):

@@ -22,17 +22,6 @@ DINO_DIM = 40
 ENCODER_IMAGE_SIZE = 32  # CLIP/DINOv2 input side in the tiny profile (224 in the real ones)
 SEED = 1234
 
-SD15_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-}
-
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable character table (the base of their BPE vocab)."""
@@ -70,10 +59,12 @@ def build_tokenizer(target: Path) -> int:
     return len(vocab)
 
 
-def build_sd(target: Path, prediction_type: str = "epsilon") -> None:
+def build_sd(target: Path) -> None:
     """UNet, VAE, text encoder, tokenizer and scheduler of a tiny SD in diffusers' folder layout."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from pipeline.real_size import build_from_config
 
     vocab_size = build_tokenizer(target / "tokenizer")
     torch.manual_seed(SEED)
@@ -111,7 +102,8 @@ def build_sd(target: Path, prediction_type: str = "epsilon") -> None:
         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
     ))
     text.save_pretrained(str(target / "text_encoder"))
-    DDPMScheduler.from_config({**SD15_SCHEDULER, "prediction_type": prediction_type}).save_pretrained(str(target / "scheduler"))
+    # SD 1.5's published noise schedule (configs/models/sd15-scheduler.json)
+    build_from_config("sd15-scheduler").save_pretrained(str(target / "scheduler"))
 
 
 def build_clip_vision(target: Path) -> None:

@@ -11,7 +11,6 @@ extractor of the caption stage has nouns to find.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -158,4 +157,3 @@ def build_grounding_dino(target: Path) -> None:
     model.save_pretrained(str(target))
     image_processor = GroundingDinoImageProcessor(size={"shortest_edge": GDINO_SIZE, "longest_edge": 2 * GDINO_SIZE})
     GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(target))
-    (target / "tiny.json").write_text(json.dumps({"vocabulary": len(words)}))

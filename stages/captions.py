@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.profiles import model_id
 from stages.annotations import AnnotationStage, extract_objects
 from stages.features import torch_dtype
 
@@ -54,7 +53,6 @@ class Captioner(AnnotationStage):
         c = cfg.annotate.captions
         super().__init__(c.batch_size)
         self.cfg = c
-        self.model = model_id(cfg.models, "llava")
         self.backend = backend or make_backend(
             c.backend, paths["llava"], cfg.models.device, torch_dtype(cfg.models.dtype), c.max_new_tokens, c.compile
         )

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.profiles import model_id
 from stages.annotations import AnnotationStage
 from stages.features import ImageEncoders, torch_dtype
 
@@ -29,15 +28,15 @@ class Embedder(AnnotationStage):
 
     def __init__(self, cfg: Config, paths: dict[str, str]):
         super().__init__(cfg.annotate.embeddings.batch_size)
-        self.model_id = f"{model_id(cfg.models, 'clip_vision')}+{model_id(cfg.models, 'dinov2')}"
         self.encoders = ImageEncoders.load(paths["clip_vision"], paths["dinov2"], cfg.models.device,
                                            torch_dtype(cfg.models.dtype))
+        # output shapes for rows that are not processed: the encoders resize, so one probe fixes them
+        # (probed before compiling, so the compiled encoders never specialize on a batch of one)
+        probe = self.encoders.encode(np.zeros((1, 32, 32, 3), np.uint8))
+        self.shapes = {k: tuple(v.shape[1:]) for k, v in probe.items()}
         if cfg.annotate.embeddings.compile:
             self.encoders.clip = torch.compile(self.encoders.clip)
             self.encoders.dino = torch.compile(self.encoders.dino)
-        # output shapes for rows that are not processed: the encoders resize, so one probe fixes them
-        probe = self.encoders.encode(np.zeros((1, 32, 32, 3), np.uint8))
-        self.shapes = {k: tuple(v.shape[1:]) for k, v in probe.items()}
 
     def process(self, batch: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
         images = [np.asarray(batch["lr"][i], np.uint8) for i in rows]
@@ -45,10 +44,13 @@ class Embedder(AnnotationStage):
             images += [np.asarray(batch["hr"][i], np.uint8) for i in rows]
         feats = self.encoders.encode(images)
         n = len(rows)
-        out = [{"clip_lr": _fp16(feats["clip_tokens"][k]), "dino_lr": _fp16(feats["dino_tokens"][k])} for k in range(n)]
+        # one device-to-host copy per output, not one per row
+        clip_lr, dino_lr = _fp16(feats["clip_tokens"][:n]), _fp16(feats["dino_tokens"][:n])
+        out = [{"clip_lr": clip_lr[k], "dino_lr": dino_lr[k]} for k in range(n)]
         if "hr" in batch:
+            clip_hr, dino_hr = _fp16(feats["clip_pooled"][n:]), _fp16(feats["dino_pooled"][n:])
             for k, row in enumerate(out):
-                row.update(clip_hr=_fp16(feats["clip_pooled"][n + k]), dino_hr=_fp16(feats["dino_pooled"][n + k]))
+                row.update(clip_hr=clip_hr[k], dino_hr=dino_hr[k])
         return out
 
     def placeholder(self, batch: dict[str, Any], row: int) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.profiles import model_id
 from stages.annotations import AnnotationStage
 from stages.features import encode_prompts, images_to_tensor, load_text_encoder, torch_dtype, vae_posterior
 
@@ -29,7 +28,6 @@ class Encoder(AnnotationStage):
 
         super().__init__(cfg.annotate.encode.batch_size)
         dtype = torch_dtype(cfg.models.dtype)
-        self.model_id = model_id(cfg.models, "sd")
         self.tokenizer, self.text_encoder = load_text_encoder(paths["sd"], cfg.models.device, dtype)
         self.vae = AutoencoderKL.from_pretrained(paths["sd"], subfolder="vae", torch_dtype=dtype)
         self.vae.to(cfg.models.device).eval().requires_grad_(False)

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.profiles import model_id
 from stages.annotations import AnnotationStage
 from stages.columns import as_list
 from stages.features import torch_dtype
@@ -86,9 +85,7 @@ class Grounder(AnnotationStage):
         g = cfg.annotate.grounding
         super().__init__(g.batch_size)
         self.cfg = g
-        model_cfg = getattr(cfg, "model", None)
-        self.max_boxes = min(g.max_boxes, getattr(model_cfg, "max_boxes", g.max_boxes))
-        self.model_id = model_id(cfg.models, "grounding_dino")
+        self.max_boxes = min(g.max_boxes, cfg.model.max_boxes)
         self.processor = AutoProcessor.from_pretrained(paths["grounding_dino"])
         self.model = GroundingDinoForObjectDetection.from_pretrained(
             paths["grounding_dino"], dtype=torch_dtype(cfg.models.dtype)

@@ -9,12 +9,12 @@ import torch
 from diffusers import DDPMScheduler
 from scipy.stats import wasserstein_distance
 
-from pipeline.tiny_sd import SD15_SCHEDULER
+from pipeline.real_size import load_spec
 from training import losses
 
 
 def scheduler(prediction_type: str) -> DDPMScheduler:
-    return DDPMScheduler.from_config({**SD15_SCHEDULER, "prediction_type": prediction_type})
+    return DDPMScheduler.from_config({**load_spec("sd15-scheduler")["config"], "prediction_type": prediction_type})
 
 
 def tensors(seed: int = 0, shape=(3, 4, 8, 8)):
