@@ -59,11 +59,11 @@ def ensure_tiny(cache_dir: str | Path, names: tuple[str, ...] = MODEL_NAMES) -> 
     return {name: build_once(root / name, lambda t, n=name: _builder(n)(t), f"tiny {name}") for name in names}
 
 
-def resolve_models(cfg: ModelsConfig) -> dict[str, str]:
-    """Model name -> local path or hub id, building the tiny profile's models on first use."""
+def resolve_models(cfg: ModelsConfig, names: tuple[str, ...] = MODEL_NAMES) -> dict[str, str]:
+    """Model name -> local path or hub id for ``names``, building the tiny profile's models on first use."""
     if cfg.profile == "tiny":
-        return ensure_tiny(cfg.cache_dir)
-    return {name: getattr(cfg, name) for name in MODEL_NAMES}
+        return ensure_tiny(cfg.cache_dir, names)
+    return {name: getattr(cfg, name) for name in names}
 
 
 def model_id(cfg: ModelsConfig, name: str) -> str:

@@ -110,6 +110,12 @@ def test_relaunch_resumes_with_same_step_and_identical_losses(reference, shards,
             if key in ref[step]:
                 assert resumed[step][key] == ref[step][key], (step, key, resumed[step][key], ref[step][key])
     assert latest_checkpoint(open_store(str(run)))[1].step == 4
+    # fewer workers: ZeRO-2's per-rank optimizer partitions no longer fit, the weights and the step do
+    assert launch_main(_args(shards, run, "deepspeed.stage=2", "train.max_steps=5", "train.num_workers=1",
+                             "train.export_with_checkpoint=false")) == 0
+    found = latest_checkpoint(open_store(str(run)))[1]
+    assert (found.step, found.world_size) == (5, 1)
+    assert math.isfinite(_by_step(read_metrics(open_store(str(run))))[5]["loss"])
 
 
 def test_injected_fault_is_survived_with_checkpoints_on_s3(reference, shards, bucket, monkeypatch):

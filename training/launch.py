@@ -29,20 +29,6 @@ DEFAULT_OUTPUT = "runs/train"
 FAULT_ENV = "PIPELINE_FAULT_AT_STEP"
 
 
-def resolve_paths(cfg: Config) -> dict[str, str]:
-    """The frozen models training loads: SD base, CLIP vision, DINOv2 (tiny profile: built once, locally)."""
-    if cfg.models.profile == "tiny":
-        from pipeline.profiles import ensure_tiny
-
-        return ensure_tiny(cfg.models.cache_dir, ("sd", "clip_vision", "dinov2"))
-    return {"sd": cfg.models.sd, "clip_vision": cfg.models.clip_vision, "dinov2": cfg.models.dinov2}
-
-
-def max_boxes(cfg: Config) -> int:
-    model = getattr(cfg, "model", None)
-    return model.max_boxes if model is not None else cfg.annotate.grounding.max_boxes
-
-
 def fault_at_step() -> int | None:
     """The test-only fault hook: ``PIPELINE_FAULT_AT_STEP=N`` makes one worker raise once at step N."""
     value = os.environ.get(FAULT_ENV)
@@ -88,11 +74,13 @@ def run_training(cfg: Config) -> dict[str, Any]:
     log.info("%d training shards (%d samples), %d held out; %d steps per epoch; members: %s",
              len(plan.shards), sum(s.count for s in plan.shards), len(plan.val), per_epoch,
              ", ".join(plan.members) or "images only (the rest is computed online)")
-    paths = resolve_paths(cfg)
+    from pipeline.profiles import resolve_models
+
+    paths = resolve_models(cfg.models, ("sd", "clip_vision", "dinov2"))  # the frozen models training loads
     run = open_run(cfg.output, cfg.storage.endpoint_url, cfg.storage.region)
     run.write("config.yaml", config_to_yaml(cfg).encode())
     init_ray(cfg.ray, progress=False)
-    spec = LaunchSpec(cfg.model_dump(mode="json"), plan, paths, max_boxes(cfg), fault_at_step())
+    spec = LaunchSpec(cfg.model_dump(mode="json"), plan, paths, cfg.model.max_boxes, fault_at_step())
     result = build_trainer(cfg, spec).fit()
     if result.error is not None:
         raise result.error

@@ -122,6 +122,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val = [to_torch(b, device) for b in spec_val_batches(spec, cfg)] if spec.plan.val else []
     samples_batch = None
     seen_since_log, wait_since_log, t_log = 0, 0.0, time.perf_counter()
+    paused = 0.0  # checkpoint, export and validation seconds since the last log: not training time
 
     def checkpoint(final: bool) -> None:
         folder = tempfile.mkdtemp(prefix="ckpt-")
@@ -137,7 +138,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             if publish:
                 publish_export(exported, run, config_to_yaml(cfg), runner.state.step)
-            _samples(exported, samples_batch, runner.state.step, cfg, run, reporter)
+            _samples(exported, samples_batch, runner.state.step, cfg, run, reporter, device)
             shutil.rmtree(exported, ignore_errors=True)
 
     if val and start.step == 0:
@@ -163,20 +164,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             due_ckpt = step % t.checkpoint_every == 0 or last
             due_val = bool(val) and (due_ckpt or (t.validate_every and step % t.validate_every == 0))
             if due_val:
+                t_pause = time.perf_counter()
                 metrics.update(runner.validate(val))
+                paused += time.perf_counter() - t_pause
             if step % t.log_every == 0 or last or due_val:
-                elapsed = time.perf_counter() - t_log
+                elapsed = time.perf_counter() - t_log - paused
                 metrics.update(samples_per_s=seen_since_log / elapsed, data_wait_share=wait_since_log / elapsed,
                                epoch=runner.state.epoch, **_peak_memory(device))
                 if reporter is not None:
                     reporter.log(step, metrics)
-                seen_since_log, wait_since_log, t_log = 0, 0.0, time.perf_counter()
+                seen_since_log, wait_since_log, t_log, paused = 0, 0.0, time.perf_counter(), 0.0
+            t_pause = time.perf_counter()
             if due_ckpt:
                 checkpoint(final=last)
             elif t.sample_every and step % t.sample_every == 0:
                 export_and_sample(publish=False)
-            if due_ckpt or due_val:
-                t_log = time.perf_counter()  # throughput figures exclude checkpoint, export and validation time
+            paused += time.perf_counter() - t_pause
             if spec.fault_at_step is not None and step == spec.fault_at_step and rank == world - 1:
                 inject_fault_once(run, step, rank)
             if last:
@@ -197,16 +200,16 @@ def spec_val_batches(spec: LaunchSpec, cfg: Config):
     return ray.train.get_dataset_shard("val").iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy")
 
 
-def _samples(export_dir: str, batch: dict[str, Any] | None, step: int, cfg: Config, run, reporter) -> None:
+def _samples(export_dir: str, batch: dict[str, Any] | None, step: int, cfg: Config, run, reporter,
+             device) -> None:
     """Rank 0: LR | output | HR grid from the freshly exported pipeline (so the export is exercised too)."""
     if batch is None:
         return
+    from stages.diffuse import load_sr_pipeline
     from training.reporting import render_samples, write_png
-    from training.sr_pipeline import SpatialSemanticSRPipeline
 
     try:
-        pipe = SpatialSemanticSRPipeline.from_pretrained(export_dir)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_sr_pipeline(export_dir, str(device))
         grid = render_samples(pipe, batch, cfg.train.num_samples, cfg.train.sample_steps, cfg.train.seed)
     except Exception:  # a broken grid must not kill a long run; the export itself was already published
         log.exception("sample grid at step %d failed", step)

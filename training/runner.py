@@ -74,7 +74,7 @@ class Runner:
         # new layers are initialized from the global RNG: seed it, or two launches of the same config start
         # from different weights (and a relaunch could never be compared with an uninterrupted run)
         torch.manual_seed(stable_seed(cfg.train.seed, "init"))
-        objective = cls.from_paths(paths, getattr(cfg, "model", None), getattr(cfg, "loss", None),
+        objective = cls.from_paths(paths, cfg.model, cfg.loss,
                                    dtype=torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32)
         objective.to(device)
         params = objective.trainable_parameters()
@@ -173,11 +173,21 @@ class Runner:
     def load_checkpoint(self, folder: str | Path) -> TrainState:
         """Restore weights, optimizer, scheduler, EMA and counters from local ``folder``."""
         folder = Path(folder)
-        path, client = self.engine.load_checkpoint(str(folder), tag=DS_TAG, load_module_strict=False,
-                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        saved = TrainState.from_json((folder / "state.json").read_bytes())
+        # ZeRO's optimizer partitions are per rank: another worker count can take the weights, not the moments
+        same_world = saved.world_size == self.world_size
+        if not same_world:
+            if self.stage == 3:
+                raise ValueError(
+                    f"checkpoint {folder} was written by {saved.world_size} workers and ZeRO-3 partitions the "
+                    f"weights themselves across them: relaunch with train.num_workers={saved.world_size}")
+            log.warning("checkpoint written by %d workers, resuming on %d: weights and step kept, the optimizer "
+                        "moments restart", saved.world_size, self.world_size)
+        path, _ = self.engine.load_checkpoint(str(folder), tag=DS_TAG, load_module_strict=False,
+                                              load_optimizer_states=same_world, load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder}/{DS_TAG}")
-        self.state = TrainState.from_json((folder / "state.json").read_bytes())
+        self.state = saved
         if self.ema is not None:
             from safetensors.torch import load_file
 
