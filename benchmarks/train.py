@@ -103,12 +103,12 @@ def build_real_size(target: Path) -> dict[str, str]:
     import torch
     from transformers import BitImageProcessor, CLIPImageProcessor
 
+    from pipeline.profiles import build_once
     from pipeline.real_size import build_from_config
     from pipeline.tiny_sd import build_tokenizer
 
-    done = target / ".complete"
-    if not done.exists():
-        sd = target / "sd"
+    def build(root: Path) -> None:
+        sd = root / "sd"
         for sub in ("unet", "vae", "text_encoder", "scheduler"):
             model = build_from_config(f"sd15-{sub}", torch.float32, "cpu")
             model.save_pretrained(str(sd / sub))
@@ -123,9 +123,10 @@ def build_real_size(target: Path) -> dict[str, str]:
                                                         image_std=[0.229, 0.224, 0.225])),
         ):
             model = build_from_config(name, torch.float32, "cpu")
-            model.save_pretrained(str(target / folder))
-            proc.save_pretrained(str(target / folder))
-        done.write_text("1")
+            model.save_pretrained(str(root / folder))
+            proc.save_pretrained(str(root / folder))
+
+    build_once(target, build, "real-size SD 1.5 + CLIP ViT-L/14 + DINOv2-base")
     return {"sd": str(target / "sd"), "clip_vision": str(target / "clip_vision"), "dinov2": str(target / "dinov2")}
 
 
