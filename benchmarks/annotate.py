@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pipeline.real_size import build_from_config  # noqa: E402
+from spasem.profiles.real_size import build_from_config  # noqa: E402
 
 
 def timed(fn, repeats: int, sync=lambda: None) -> float:
@@ -38,10 +38,10 @@ def timed(fn, repeats: int, sync=lambda: None) -> float:
 
 
 def cpu_tiny(args) -> dict[str, float]:
-    from pipeline.config import load_config
-    from pipeline.profiles import resolve_models
+    from spasem.columns import object_array
+    from spasem.config import load_config
+    from spasem.profiles import resolve_models
     from stages.captions import Captioner
-    from stages.columns import object_array
     from stages.embeddings import Embedder
     from stages.encode import Encoder
     from stages.grounding import Grounder
@@ -69,7 +69,7 @@ def cpu_tiny(args) -> dict[str, float]:
 
 
 def gpu_captions(args, dtype) -> float:
-    from stages.caption_llava import generate_shared_prefix
+    from spasem.vlm.llava import generate_shared_prefix
 
     model = build_from_config("llava-1.5-7b", dtype, "cuda")
     cfg = model.config

@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stages.degrade import sample_seed, synthesize  # noqa: E402
-from stages.degrade_params import PRESETS  # noqa: E402
+from spasem.degrade.chain import sample_seed, synthesize  # noqa: E402
+from spasem.degrade.params import PRESETS  # noqa: E402
 
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
           "hubble_deep_field.jpg", "retina.jpg", "ihc.png")

@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from pipeline.config_model import LossConfig, ModelConfig  # noqa: E402
-from pipeline.real_size import build_from_config  # noqa: E402
-from training.model import SpatialSemanticControlNet  # noqa: E402
+from spasem.config.model import LossConfig, ModelConfig  # noqa: E402
+from spasem.model.controlnet import SpatialSemanticControlNet  # noqa: E402
+from spasem.profiles.real_size import build_from_config  # noqa: E402
 
 VARIANTS = [("gated", "standard"), ("attention", "standard"), ("gated", "lgcaa")]
 ENCODERS = {"clip": "clip-vit-large-patch14", "dino": "dinov2-base"}
@@ -134,8 +134,8 @@ def time_steps(objective, batch: dict, steps: int, sync) -> tuple[float, dict]:
 
 
 def tiny_cpu(args) -> None:
-    from pipeline.profiles import ensure_tiny
-    from pipeline.tiny_sd import CLIP_VISION_DIM, DINO_DIM, ENCODER_IMAGE_SIZE, TEXT_DIM
+    from spasem.profiles import ensure_tiny
+    from spasem.profiles.tiny_sd import CLIP_VISION_DIM, DINO_DIM, ENCODER_IMAGE_SIZE, TEXT_DIM
     from training.objective import SRObjective
 
     torch.set_num_threads(args.threads)
@@ -157,8 +157,8 @@ def real_gpu(args) -> None:
     from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
 
-    from pipeline.tiny_sd import build_tokenizer
-    from stages.features import ImageEncoders
+    from spasem.encoders import ImageEncoders
+    from spasem.profiles.tiny_sd import build_tokenizer
     from training.objective import SRObjective
 
     dev, dtype = args.device, torch.bfloat16

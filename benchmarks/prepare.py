@@ -41,10 +41,10 @@ def make_corpus(folder: Path, copies: int) -> int:
 
 
 def run_one(cpus: int, corpus: str, out: str, preset: str, crops: int) -> dict:
-    from pipeline.config import load_config
     from pipeline.prepare import list_inputs
-    from pipeline.runtime import init_ray
     from pipeline.shard_phase import plan_shards, run_shard_phase
+    from spasem.config import load_config
+    from stages.runtime import init_ray
 
     cfg = load_config(None, [
         "data.hr_size=512", "data.scale=4", "data.min_size=256", f"data.crops_per_image={crops}",

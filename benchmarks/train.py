@@ -103,9 +103,9 @@ def build_real_size(target: Path) -> dict[str, str]:
     import torch
     from transformers import BitImageProcessor, CLIPImageProcessor
 
-    from pipeline.profiles import build_once
-    from pipeline.real_size import build_from_config
-    from pipeline.tiny_sd import build_tokenizer
+    from spasem.profiles import build_once
+    from spasem.profiles.real_size import build_from_config
+    from spasem.profiles.tiny_sd import build_tokenizer
 
     def build(root: Path) -> None:
         sd = root / "sd"
@@ -135,7 +135,7 @@ def largest_batch(paths: dict[str, str], sizes: list[int], steps: int) -> list[d
     import torch
     import torch.distributed as dist
 
-    from pipeline.config import load_config
+    from spasem.config import load_config
     from training.runner import Runner, set_accelerator
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")

@@ -46,7 +46,7 @@ def _image(side: int, seed: int = 0) -> np.ndarray:
 
 
 def _upscale_config(args, **extra):
-    from pipeline.config_upscale import UpscaleConfig
+    from spasem.config.upscale import UpscaleConfig
 
     return UpscaleConfig(scale=args.scale, steps=args.steps, realism=args.realism, tile_size=args.tile,
                          tile_overlap=args.overlap, tile_batch=args.tile_batch, color_fix=args.color_fix, **extra)
@@ -54,10 +54,10 @@ def _upscale_config(args, **extra):
 
 def cpu_one(args) -> dict:
     """One size in this process (called in a child): load, warm up on a small image, then measure."""
-    from pipeline.config import load_config
     from pipeline.upscale_model import resolve_model
-    from stages.diffuse import load_sr_pipeline
-    from stages.tiled_diffusion import TiledUpscaler
+    from spasem.config import load_config
+    from spasem.model.sr_pipeline import load_sr_pipeline
+    from spasem.model.tiled_diffusion import TiledUpscaler
 
     torch.set_num_threads(args.threads)
     pipe = load_sr_pipeline(resolve_model(load_config(None, [f"models.cache_dir={args.cache}"])))
@@ -102,11 +102,11 @@ def real_size_pipeline(dtype: torch.dtype, device: str):
     """SpatialSemanticSRPipeline of the real-size architectures, random weights, built on ``device``."""
     from transformers import BitImageProcessor, CLIPImageProcessor, CLIPTokenizer
 
-    from pipeline.config_model import ModelConfig
-    from pipeline.profiles import ensure_tiny
-    from pipeline.real_size import build_from_config
-    from training.model import SpatialSemanticControlNet
-    from training.sr_pipeline import SpatialSemanticSRPipeline
+    from spasem.config.model import ModelConfig
+    from spasem.model.controlnet import SpatialSemanticControlNet
+    from spasem.model.sr_pipeline import SpatialSemanticSRPipeline
+    from spasem.profiles import ensure_tiny
+    from spasem.profiles.real_size import build_from_config
 
     unet = build_from_config("sd15-unet", dtype, device)
     text_encoder = build_from_config("sd15-text_encoder", dtype, device)
@@ -126,7 +126,7 @@ def real_size_pipeline(dtype: torch.dtype, device: str):
 
 
 def gpu(args) -> list[dict]:
-    from stages.tiled_diffusion import TiledUpscaler
+    from spasem.model.tiled_diffusion import TiledUpscaler
 
     pipe = real_size_pipeline(torch.bfloat16, "cuda")
     weights = torch.cuda.memory_allocated() / 2**20

@@ -11,26 +11,35 @@ without a marker; stages micro-batch within a shard, so a resumed shard gets the
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter, defaultdict
 from typing import Any
 
 import numpy as np
 
-from pipeline.config import Config, ConfigError
-from pipeline.shard_phase import PAIRS_DIR
-from pipeline.shards import ShardWriter, decode_member, done_indices, load_marker, read_tar, shard_name
-from pipeline.storage import Store, open_store
-from stages.columns import object_array
+from spasem.columns import object_array
+from spasem.config import Config, ConfigError
+from spasem.shards import (
+    FINAL_DIR,
+    PAIRS_DIR,
+    ShardWriter,
+    decode_member,
+    done_indices,
+    encode_annotations,
+    load_marker,
+    read_tar,
+    shard_name,
+)
+from spasem.storage import Store
+from stages import captions, embeddings, encode, grounding
 
 log = logging.getLogger(__name__)
-FINAL_DIR = "shards"
 STAGE_ORDER = ("captions", "grounding", "embeddings", "encode")
 PIXELS = ("hr", "lr")
 
 
-def enabled_stages(cfg: Config) -> list[str]:
+def prepare_stages(cfg: Config) -> list[str]:
+    """The annotation stages prepare runs: those enabled in ``annotate``, in pipeline order."""
     return [name for name in STAGE_ORDER if getattr(cfg.annotate, name).enabled]
 
 
@@ -70,7 +79,6 @@ def write_final_shard(
     stages: dict[str, str],
 ) -> dict[str, Any]:
     """Merge one shard's annotation rows with its pairs members and write the final shard + marker."""
-    from stages.annotations import row_to_members
 
     by_key = {r["key"]: r for r in rows}
     writer = ShardWriter(final, index)
@@ -83,24 +91,30 @@ def write_final_shard(
         if row["status"] != "ok":
             writer.reject(f"{row['source']}#{key}", str(row["error"]))
             continue
-        writer.write({"__key__": key, **members, **row_to_members(row, stages)})
+        writer.write({"__key__": key, **members, **encode_annotations(row, stages)})
     return writer.close({**pair_marker["stages"], **stages})
 
 
-def _stage_factory(name: str):
-    from stages import captions, embeddings, encode, grounding
+# stage name -> the class the pool runs; tests swap in wrappers here (e.g. one that fails on a key)
+STAGES: dict[str, type] = {
+    "captions": captions.Captioner,
+    "grounding": grounding.Grounder,
+    "embeddings": embeddings.Embedder,
+    "encode": encode.Encoder,
+}
 
-    return {
-        "captions": captions.Captioner,
-        "grounding": grounding.Grounder,
-        "embeddings": embeddings.Embedder,
-        "encode": encode.Encoder,
-    }[name]
+
+def stage_kwargs(cfg: Config, name: str, paths: dict[str, str]) -> dict[str, Any]:
+    """Constructor arguments of stage ``name``: its own config section, the models section, model paths."""
+    kwargs: dict[str, Any] = {"section": getattr(cfg.annotate, name), "models": cfg.models, "paths": paths}
+    if name == "grounding":
+        kwargs["max_boxes"] = cfg.model.max_boxes
+    return kwargs
 
 
 def stage_ids(cfg: Config, names: list[str]) -> dict[str, str]:
     """Stage name -> the model id recorded in markers and members (never a local cache path)."""
-    from pipeline.profiles import model_id
+    from spasem.profiles import model_id
 
     ids = {
         "captions": lambda: model_id(cfg.models, "llava"),
@@ -122,14 +136,13 @@ def annotate_dataset(ds, cfg: Config, names: list[str], paths: dict[str, str], w
     for name in names:
         pool = getattr(cfg.annotate, name)
         ds = ds.map_batches(
-            _stage_factory(name),
-            fn_constructor_kwargs={"cfg": cfg, "paths": paths},
+            STAGES[name],
+            fn_constructor_kwargs=stage_kwargs(cfg, name, paths),
             batch_size=None if whole_blocks else pool.batch_size,
             batch_format="numpy",
             num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus or None,
             compute=ray.data.ActorPoolStrategy(size=pool.pool_size),
-            **_test_hooks(),
         )
     return ds
 
@@ -138,10 +151,10 @@ def run_annotate_phase(cfg: Config, num_shards: int) -> dict[str, Any]:
     """Annotate every pairs shard that has no final marker yet; returns the phase summary."""
     import ray
 
-    from pipeline.profiles import resolve_models
+    from spasem.profiles import resolve_models
 
     start = time.time()
-    out = open_store(cfg.output, cfg.storage.endpoint_url, cfg.storage.region)
+    out = cfg.storage.open(cfg.output)
     pairs, final = out.child(PAIRS_DIR), out.child(FINAL_DIR)
     ready = done_indices(pairs)
     missing = sorted(set(range(num_shards)) - ready)
@@ -150,7 +163,7 @@ def run_annotate_phase(cfg: Config, num_shards: int) -> dict[str, Any]:
             f"annotate needs the pairs shards first: {len(missing)} missing under {pairs.uri} "
             f"(e.g. shard {missing[0]}); run with prepare.phases=[shard, annotate]"
         )
-    names = check_stages(enabled_stages(cfg))
+    names = check_stages(prepare_stages(cfg))
     pending = sorted(set(range(num_shards)) - done_indices(final))
     paths = resolve_models(cfg.models)
     ids = stage_ids(cfg, names)
@@ -201,9 +214,3 @@ def run_annotate_phase(cfg: Config, num_shards: int) -> dict[str, Any]:
         "elapsed_s": round(elapsed, 3),
         "samples_per_s": round(done_samples / elapsed, 2) if pending and elapsed > 0 else None,
     }
-
-
-def _test_hooks() -> dict[str, Any]:
-    """Forward the test-only fault hook to the actors (their environment is the cluster's, not ours)."""
-    key = os.environ.get("PIPELINE_FAIL_KEY")
-    return {"runtime_env": {"env_vars": {"PIPELINE_FAIL_KEY": key}}} if key else {}

@@ -22,18 +22,18 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import (
+from pipeline.evaluate_report import crop_name, render_html, side_by_side
+from spasem.config import (
     Config,
     ConfigError,
     build_parser,
     config_from_args,
     config_to_yaml,
 )
-from pipeline.config_evaluate import EvaluateConfig
-from pipeline.evaluate_report import crop_name, render_html, side_by_side
-from pipeline.shards import encode_png
-from pipeline.storage import Store, open_store
-from stages.metrics import ClipIQA, PyiqaMetrics, full_reference_metrics
+from spasem.config.evaluate import EvaluateConfig
+from spasem.metrics import ClipIQA, PyiqaMetrics, full_reference_metrics
+from spasem.shards import encode_png
+from spasem.storage import Store
 from stages.read import TOO_SMALL, ReadImages, RejectError
 
 log = logging.getLogger("pipeline.evaluate")
@@ -106,7 +106,7 @@ def run_evaluate(cfg: Config, ecfg: EvaluateConfig) -> dict[str, Any]:
     start = time.time()
 
     def store(uri: str) -> Store:
-        return open_store(uri, cfg.storage.endpoint_url, cfg.storage.region)
+        return cfg.storage.open(uri)
 
     sr_store, hr_store, out = store(cfg.input), store(ecfg.reference), store(cfg.output)
     lr_store = store(ecfg.lr) if ecfg.lr else None
@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    where = open_store(cfg.output).url("")
+    where = cfg.storage.open(cfg.output).url("")
     mean = result["mean"]
     print(f"evaluated {result['count']} images ({len(result['rejected'])} rejected: {result['rejected_by_reason']})")
     if result["count"]:

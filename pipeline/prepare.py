@@ -15,18 +15,18 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.config import Config, ConfigError, build_parser, config_to_yaml, parse_cli, sample_photos
-from pipeline.runtime import init_ray
-from pipeline.shard_phase import PAIRS_DIR, plan_shards, run_shard_phase
-from pipeline.shards import done_indices, load_marker
-from pipeline.storage import Store, open_store
+from pipeline.shard_phase import plan_shards, run_shard_phase
+from spasem.config import Config, ConfigError, build_parser, config_to_yaml, parse_cli, sample_photos
+from spasem.shards import PAIRS_DIR, done_indices, load_marker
+from spasem.storage import Store
+from stages.runtime import init_ray
 
 log = logging.getLogger("pipeline.prepare")
 DEFAULT_OUTPUT = "runs/prepare"
 
 
 def list_inputs(cfg: Config) -> list[str]:
-    store = open_store(cfg.input, cfg.storage.endpoint_url, cfg.storage.region)
+    store = cfg.storage.open(cfg.input)
     suffixes = cfg.data.suffixes
     files = store.list(suffixes)
     if not files:
@@ -59,7 +59,7 @@ def _stage_throughput(results: list[dict[str, Any]]) -> dict[str, dict[str, floa
 
 def run_prepare(cfg: Config) -> dict[str, Any]:
     """Run the configured phases and write ``OUT/config.yaml`` and ``OUT/summary.json``."""
-    out = open_store(cfg.output, cfg.storage.endpoint_url, cfg.storage.region)
+    out = cfg.storage.open(cfg.output)
     out.write("config.yaml", config_to_yaml(cfg).encode())
     init_ray(cfg.ray, cfg.prepare.progress)
     start = time.time()
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    where = open_store(cfg.output).url("")
+    where = cfg.storage.open(cfg.output).url("")
     print(f"prepared {summary['samples']} samples ({summary['rejected']} rejected: "
           f"{summary['rejected_by_reason']}) in {summary['elapsed_s']} s")
     print(f"shards: {where}/{'shards' if 'annotate' in cfg.prepare.phases else PAIRS_DIR}  "

@@ -15,16 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import Config
-from pipeline.shards import ShardWriter, encode_json, encode_png
-from pipeline.storage import open_store
-from stages.columns import as_list
+from spasem.columns import as_list
+from spasem.config import Config
+from spasem.shards import PAIRS_DIR, ShardWriter, encode_pair
 from stages.crop import RandomCrop
 from stages.degrade import Degrade
 from stages.read import ReadImages, reject_reason
 
 log = logging.getLogger(__name__)
-PAIRS_DIR = "pairs"
 
 
 def plan_shards(files: list[str], shard_size: int, crops_per_image: int) -> list[list[str]]:
@@ -49,8 +47,8 @@ class ShardBuilder:
     def __init__(self, cfg: Config):
         data = cfg.data
         self.cfg = cfg
-        self.input = open_store(cfg.input, cfg.storage.endpoint_url, cfg.storage.region)
-        self.output = open_store(cfg.output, cfg.storage.endpoint_url, cfg.storage.region).child(PAIRS_DIR)
+        self.input = cfg.storage.open(cfg.input)
+        self.output = cfg.storage.open(cfg.output).child(PAIRS_DIR)
         self.read = ReadImages(self.input, data.max_pixels, data.effective_min_size, data.max_bytes)
         self.crop = RandomCrop(data.hr_size, data.crops_per_image, data.seed)
         self.degrade = Degrade(data, cfg.degradation)
@@ -80,12 +78,7 @@ class ShardBuilder:
                 "seed": int(row["seed"]),
                 "degradation": json.loads(row["degradation"]),
             }
-            writer.write({
-                "__key__": row["key"],
-                "hr.png": encode_png(row["hr"]),
-                "lr.png": encode_png(row["lr"]),
-                "json": encode_json(record),
-            })
+            writer.write(encode_pair(row["key"], row["hr"], row["lr"], record))
         marker = writer.close(shard_stages(self.cfg))
         timings["write"] = time.perf_counter() - start
         errors = {str(r["source"]): str(r["error"]) for r in _rows(batch) if r["status"] != "ok"}

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.annotate_phase import annotate_dataset, check_stages
-from pipeline.config import (
+from spasem.config import (
     Config,
     ConfigError,
     absolute_uri,
@@ -27,9 +27,9 @@ from pipeline.config import (
     parse_cli,
     sample_photos,
 )
-from pipeline.runtime import init_ray
-from pipeline.storage import Store, open_store
+from spasem.storage import Store
 from stages.read import reject_reason
+from stages.runtime import init_ray
 
 log = logging.getLogger("pipeline.upscale")
 DEFAULT_OUTPUT = "runs/upscale"
@@ -58,7 +58,7 @@ def list_pending(cfg: Config, inp: Store, out: Store) -> tuple[list[str], list[s
     return [f for f in files if f not in done], [f for f in files if f in done]
 
 
-def enabled_stages(cfg: Config) -> list[str]:
+def upscale_stages(cfg: Config) -> list[str]:
     """Annotation stages to run: ``upscale.stages`` if given, else those enabled in ``annotate``."""
     if cfg.upscale.stages is not None:
         return check_stages(list(cfg.upscale.stages))
@@ -92,12 +92,12 @@ def run_pipeline(cfg: Config, pending: list[str], inp: Store, out: Store, model_
             "max_bytes": cfg.data.max_bytes}
     ds = ds.map_batches(_read, fn_kwargs=read, batch_size=1, num_cpus=ucfg.read_num_cpus, batch_format="numpy")
     if names:
-        from pipeline.profiles import resolve_models
+        from spasem.profiles import resolve_models
 
         ds = annotate_dataset(ds, cfg, names, resolve_models(cfg.models), whole_blocks=False)
     pool = ucfg.diffuse
     ds = ds.map_batches(
-        Diffuser, fn_constructor_kwargs={"cfg": cfg, "model_path": model_path}, batch_size=pool.batch_size,
+        Diffuser, fn_constructor_kwargs={"upscale": cfg.upscale, "models": cfg.models, "model_path": model_path}, batch_size=pool.batch_size,
         batch_format="numpy", num_cpus=pool.num_cpus, num_gpus=pool.num_gpus or None,
         compute=ray.data.ActorPoolStrategy(size=pool.pool_size),
     )
@@ -134,9 +134,9 @@ def run_upscale(cfg: Config) -> dict[str, Any]:
     from pipeline.upscale_model import resolve_model
 
     start = time.time()
-    inp = open_store(cfg.input, cfg.storage.endpoint_url, cfg.storage.region)
-    out = open_store(cfg.output, cfg.storage.endpoint_url, cfg.storage.region)
-    stages = enabled_stages(cfg)
+    inp = cfg.storage.open(cfg.input)
+    out = cfg.storage.open(cfg.output)
+    stages = upscale_stages(cfg)
     pending, skipped = list_pending(cfg, inp, out)
     out.write("config.yaml", config_to_yaml(cfg).encode())
     log.info("%d inputs: %d to upscale, %d skipped (output exists)", len(pending) + len(skipped), len(pending), len(skipped))
@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    where = open_store(cfg.output, cfg.storage.endpoint_url, cfg.storage.region).url("")
+    where = cfg.storage.open(cfg.output).url("")
     print(f"upscaled {summary['upscaled']} images, skipped {summary['skipped']} (output exists), "
           f"rejected {summary['rejected']} {summary['rejected_by_reason']}; "
           f"{summary['output_megapixels']} MP out at {summary['megapixels_per_s']} MP/s")

@@ -4,7 +4,7 @@
 or ``s3://``; an S3 export is copied once into ``models.cache_dir/remote/<hash>`` so every actor loads
 it from local disk. Without one, the ``tiny`` profile builds an untrained pipeline (the frozen tiny
 SD, CLIP and DINOv2 plus a zero-initialized Spatial-Semantic ControlNet: the plain base model's
-behaviour) once, under a file lock, with ``SRObjective.export`` -- the code a training run exports with.
+behaviour) once, under a file lock, with ``build_sr_pipeline``, where a training run's model starts.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import hashlib
 import logging
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError
-from pipeline.profiles import TINY_VERSION, build_once, ensure_tiny
-from pipeline.storage import open_store
+from spasem.config import Config, ConfigError
+from spasem.model.sr_pipeline import build_sr_pipeline
+from spasem.profiles import TINY_VERSION, build_once, ensure_tiny
+from spasem.storage import download_tree
 
 log = logging.getLogger(__name__)
 UNTRAINED = "sr-untrained"
@@ -28,27 +29,20 @@ def build_untrained(cfg: Config) -> str:
     target = Path(cfg.models.cache_dir).expanduser().resolve() / f"tiny-v{TINY_VERSION}" / f"{UNTRAINED}-{digest}"
 
     def build(folder: Path) -> None:
-        from training.objective import SRObjective
-
-        SRObjective.from_paths(paths, cfg.model, cfg.loss).export(str(folder))
+        build_sr_pipeline(paths, cfg.model).save_pretrained(str(folder), safe_serialization=True)
 
     return build_once(target, build, "the untrained tiny SR pipeline")
 
 
 def fetch_remote(uri: str, cfg: Config) -> str:
     """Copy an ``s3://`` export folder to local disk once; returns the local folder."""
-    store = open_store(uri, cfg.storage.endpoint_url, cfg.storage.region)
+    store = cfg.storage.open(uri)
     digest = hashlib.sha256(store.uri.encode()).hexdigest()[:16]
     target = Path(cfg.models.cache_dir).expanduser().resolve() / "remote" / digest
 
     def build(folder: Path) -> None:
-        files = store.list()
-        if not files:
+        if not download_tree(store, folder):
             raise FileNotFoundError(f"no files under {uri}: is it a training export (RUN_URI/export)?")
-        for rel in files:
-            dest = folder / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(store.read(rel))
 
     return build_once(target, build, f"the model {store.uri}")
 

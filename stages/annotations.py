@@ -12,7 +12,6 @@ run or alone in a resumed one.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -21,12 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.shards import encode_json, encode_npy
-from stages.columns import as_list, object_array, stack_or_objects
+from spasem.columns import as_list, object_array, stack_or_objects
+from stages.rows import RowStatus
 
 log = logging.getLogger(__name__)
-
-NPY_MEMBERS = ("clip_lr", "dino_lr", "clip_hr", "dino_hr", "text", "latent")
 
 
 class AnnotationStage:
@@ -48,14 +45,12 @@ class AnnotationStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         n = len(batch["key"])
-        status = [str(s) for s in as_list(batch["status"])] if "status" in batch else ["ok"] * n
-        error = [str(e) for e in as_list(batch["error"])] if "error" in batch else [""] * n
+        rows = RowStatus(batch, n)
         results: list[dict[str, Any] | None] = [None] * n
-        for chunk in self._chunks(batch, status):
-            for i, out in self._run(batch, chunk, error):
+        for chunk in self._chunks(batch, rows.status):
+            for i, out in self._run(batch, chunk):
                 if isinstance(out, BaseException):
-                    status[i], error[i] = "error", f"{self.name}: {_message(out)}"
-                    log.warning("%s failed on %s: %s", self.name, batch["key"][i], error[i])
+                    rows.fail(i, self.name, out, batch["key"][i])
                 else:
                     results[i] = out
         filled = [r if r is not None else self.placeholder(batch, i) for i, r in enumerate(results)]
@@ -65,7 +60,7 @@ class AnnotationStage:
             columns[name] = stack_or_objects(values) if isinstance(values[0], np.ndarray) else object_array(values)
         # per-row share of this call's time: the phase sums it into seconds and samples/s per stage
         columns[f"seconds_{self.name}"] = np.full(n, (time.perf_counter() - start) / max(n, 1))
-        return {**batch, **columns, "status": object_array(status), "error": object_array(error)}
+        return {**batch, **columns, **rows.columns()}
 
     def _chunks(self, batch: dict[str, Any], status: list[str]) -> Iterator[list[int]]:
         shards = as_list(batch["shard"]) if "shard" in batch else [0] * len(status)
@@ -79,7 +74,7 @@ class AnnotationStage:
                 if chunk:
                     yield chunk
 
-    def _run(self, batch: dict[str, Any], rows: list[int], error: list[str]):
+    def _run(self, batch: dict[str, Any], rows: list[int]):
         try:
             outs = self.process(batch, rows)
             if len(outs) != len(rows):
@@ -95,11 +90,6 @@ class AnnotationStage:
                 yield i, self.process(batch, [i])[0]
             except Exception as exc:  # noqa: BLE001 - a failure is data: this row becomes a reject
                 yield i, exc
-
-
-def _message(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())[:300]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # words that are never objects to ground: function words, verbs of scene descriptions, quality terms
@@ -135,43 +125,3 @@ def extract_objects(caption: str, max_objects: int) -> list[str]:
     if current:
         phrases.append(" ".join(current[-3:]))
     return list(dict.fromkeys(phrases))[:max_objects]
-
-
-def row_to_members(row: dict[str, Any], stages: dict[str, str]) -> dict[str, bytes]:
-    """The annotation members of one annotated row (DESIGN.md's shard table), as encoded bytes."""
-    members: dict[str, bytes] = {}
-    if "caption_high" in row and "captions" in stages:
-        members["caption.json"] = encode_json(
-            {"high": str(row["caption_high"]), "low": str(row["caption_low"]), "model": stages["captions"]}
-        )
-    if "boxes" in row and "grounding" in stages:
-        boxes = np.asarray(row["boxes"], np.float64).reshape(-1, 4)
-        members["boxes.json"] = encode_json({
-            "phrases": [str(p) for p in as_list(row["phrases"])],
-            "boxes": [[round(float(v), 5) for v in box] for box in boxes],
-            "scores": [round(float(s), 5) for s in np.asarray(row["scores"], np.float64).reshape(-1)],
-            "model": stages["grounding"],
-        })
-    for name in NPY_MEMBERS:
-        value = row.get(name)
-        if value is not None and np.asarray(value).size:
-            members[f"{name}.npy"] = encode_npy(np.asarray(value, dtype=np.float16))
-    return members
-
-
-def members_to_annotations(members: dict[str, bytes]) -> dict[str, Any]:
-    """Inverse of :func:`row_to_members` for readers: decoded captions, boxes and arrays."""
-    from pipeline.shards import decode_member
-
-    out: dict[str, Any] = {}
-    if "caption.json" in members:
-        caption = json.loads(members["caption.json"])
-        out.update(caption_high=caption["high"], caption_low=caption["low"])
-    if "boxes.json" in members:
-        boxes = json.loads(members["boxes.json"])
-        out.update(phrases=boxes["phrases"], boxes=np.asarray(boxes["boxes"], np.float32).reshape(-1, 4),
-                   scores=np.asarray(boxes["scores"], np.float32))
-    for name in NPY_MEMBERS:
-        if f"{name}.npy" in members:
-            out[name] = decode_member("npy", members[f"{name}.npy"])
-    return out

@@ -11,18 +11,15 @@ default) or ``llava_torch`` (the original LLaVA code, the optional ``llava`` ext
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from pipeline.config import Config
+from spasem.config.annotate import CaptionsConfig, ModelsConfig
+from spasem.encoders import torch_dtype
 from stages.annotations import AnnotationStage, extract_objects
-from stages.features import torch_dtype
-
-FAIL_KEY_ENV = "PIPELINE_FAIL_KEY"  # test hook: the captions stage fails on the row with this key
 
 
 class CaptionBackend(Protocol):
@@ -34,11 +31,11 @@ def make_backend(name: str, path: str, device: str, dtype: torch.dtype, max_new_
                  compile: bool = False) -> CaptionBackend:
     """The caption backend ``annotate.captions.backend`` names."""
     if name == "transformers":
-        from stages.caption_llava import TransformersLlava
+        from spasem.vlm.llava import TransformersLlava
 
         return TransformersLlava(path, device, dtype, max_new_tokens, compile)
     if name == "llava_torch":
-        from stages.caption_llava_torch import LlavaTorch
+        from spasem.vlm.llava_torch import LlavaTorch
 
         return LlavaTorch(path, device, dtype, max_new_tokens)
     raise ValueError(f"annotate.captions.backend={name!r} is not known; use 'transformers' or 'llava_torch'")
@@ -49,19 +46,16 @@ class Captioner(AnnotationStage):
 
     name = "captions"
 
-    def __init__(self, cfg: Config, paths: dict[str, str], backend: CaptionBackend | None = None):
-        c = cfg.annotate.captions
-        super().__init__(c.batch_size)
-        self.cfg = c
+    def __init__(self, section: CaptionsConfig, models: ModelsConfig, paths: dict[str, str],
+                 backend: CaptionBackend | None = None):
+        super().__init__(section.batch_size)
+        self.cfg = section
         self.backend = backend or make_backend(
-            c.backend, paths["llava"], cfg.models.device, torch_dtype(cfg.models.dtype), c.max_new_tokens, c.compile
+            section.backend, paths["llava"], models.device, torch_dtype(models.dtype), section.max_new_tokens,
+            section.compile,
         )
-        self.fail_key = os.environ.get(FAIL_KEY_ENV)
 
     def process(self, batch: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
-        for i in rows:
-            if self.fail_key and str(batch["key"][i]) == self.fail_key:
-                raise RuntimeError(f"injected failure for key {self.fail_key} ({FAIL_KEY_ENV})")
         column = "hr" if self.cfg.on == "hr" and "hr" in batch else "lr"
         images = [np.asarray(batch[column][i], np.uint8) for i in rows]
         high, low = self.backend.caption(images, [self.cfg.high_prompt, self.cfg.low_prompt])

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.shards import make_key
-from stages.columns import as_list, object_array, stable_seed, stack_or_objects
+from spasem.columns import as_list, object_array, stable_seed, stack_or_objects
+from spasem.shards import make_key
 
 
 def crop_boxes(height: int, width: int, size: int, count: int, seed: int) -> list[tuple[int, int, int, int]]:

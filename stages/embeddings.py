@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import Config
+from spasem.config.annotate import ModelsConfig, StagePoolConfig
+from spasem.encoders import ImageEncoders, torch_dtype
 from stages.annotations import AnnotationStage
-from stages.features import ImageEncoders, torch_dtype
 
 
 def _fp16(t: torch.Tensor) -> np.ndarray:
@@ -26,15 +26,15 @@ class Embedder(AnnotationStage):
 
     name = "embeddings"
 
-    def __init__(self, cfg: Config, paths: dict[str, str]):
-        super().__init__(cfg.annotate.embeddings.batch_size)
-        self.encoders = ImageEncoders.load(paths["clip_vision"], paths["dinov2"], cfg.models.device,
-                                           torch_dtype(cfg.models.dtype))
+    def __init__(self, section: StagePoolConfig, models: ModelsConfig, paths: dict[str, str]):
+        super().__init__(section.batch_size)
+        self.encoders = ImageEncoders.load(paths["clip_vision"], paths["dinov2"], models.device,
+                                           torch_dtype(models.dtype))
         # output shapes for rows that are not processed: the encoders resize, so one probe fixes them
         # (probed before compiling, so the compiled encoders never specialize on a batch of one)
         probe = self.encoders.encode(np.zeros((1, 32, 32, 3), np.uint8))
         self.shapes = {k: tuple(v.shape[1:]) for k, v in probe.items()}
-        if cfg.annotate.embeddings.compile:
+        if section.compile:
             self.encoders.clip = torch.compile(self.encoders.clip)
             self.encoders.dino = torch.compile(self.encoders.dino)
 

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import Config
+from spasem.columns import as_list
+from spasem.config.annotate import GroundingConfig, ModelsConfig
+from spasem.encoders import torch_dtype
 from stages.annotations import AnnotationStage
-from stages.columns import as_list
-from stages.features import torch_dtype
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -79,17 +79,17 @@ class Grounder(AnnotationStage):
 
     name = "grounding"
 
-    def __init__(self, cfg: Config, paths: dict[str, str]):
+    def __init__(self, section: GroundingConfig, models: ModelsConfig, paths: dict[str, str], max_boxes: int | None = None):
+        """``max_boxes``: the model's box budget (``model.max_boxes``), capping ``section.max_boxes``."""
         from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
-        g = cfg.annotate.grounding
-        super().__init__(g.batch_size)
-        self.cfg = g
-        self.max_boxes = min(g.max_boxes, cfg.model.max_boxes)
+        super().__init__(section.batch_size)
+        self.cfg = section
+        self.max_boxes = min(section.max_boxes, max_boxes or section.max_boxes)
         self.processor = AutoProcessor.from_pretrained(paths["grounding_dino"])
         self.model = GroundingDinoForObjectDetection.from_pretrained(
-            paths["grounding_dino"], dtype=torch_dtype(cfg.models.dtype)
-        ).to(cfg.models.device).eval()
+            paths["grounding_dino"], dtype=torch_dtype(models.dtype)
+        ).to(models.device).eval()
 
     def _image(self, batch: dict[str, Any], i: int) -> np.ndarray:
         return np.asarray(batch["hr" if "hr" in batch else "lr"][i], np.uint8)

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from pipeline.storage import Store
-from stages.columns import object_array
+from spasem.columns import object_array
+from spasem.storage import Store
 
 # the reasons, as they appear in rejects lists and summary.json
 EMPTY = "empty file"

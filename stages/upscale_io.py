@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.storage import Store
-from stages.columns import as_list, object_array
+from spasem.columns import as_list, object_array
+from spasem.storage import Store
 from stages.read import ReadImages
+from stages.rows import RowStatus
 
 WRITE_ERROR = "write"
 # extension -> (PIL format, save options); quality settings keep the upscale's detail
@@ -71,20 +72,18 @@ class WriteOutputs:
     def __init__(self, store: Store):
         self.store = store
 
+    def _write(self, path: str, sr: np.ndarray) -> bool:
+        self.store.write(path, encode_like(np.asarray(sr, np.uint8), path))
+        return True
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = [str(p) for p in as_list(batch["path"])]
-        status = [str(s) for s in as_list(batch["status"])]
-        errors = [str(e) for e in as_list(batch["error"])]
+        rows = RowStatus(batch, len(paths))
         out_pixels, widths, heights, seconds = [], [], [], []
         for i, sr in enumerate(as_list(batch["sr"])):
-            h, w = (int(sr.shape[0]), int(sr.shape[1])) if status[i] == "ok" else (0, 0)
             t0 = time.perf_counter()
-            if status[i] == "ok":
-                try:
-                    self.store.write(paths[i], encode_like(np.asarray(sr, np.uint8), paths[i]))
-                except (OSError, ValueError) as exc:
-                    status[i], errors[i] = "error", f"{WRITE_ERROR}: {type(exc).__name__}: {exc}"
-                    h = w = 0
+            done = rows.run(i, WRITE_ERROR, self._write, paths[i], sr, catch=(OSError, ValueError), key=paths[i])
+            h, w = (int(sr.shape[0]), int(sr.shape[1])) if done else (0, 0)
             seconds.append(time.perf_counter() - t0)
             out_pixels.append(h * w)
             widths.append(w)
@@ -92,8 +91,7 @@ class WriteOutputs:
         keep = {k: v for k, v in batch.items() if k not in self.PIXELS and k in _SMALL_COLUMNS}
         keep.update(
             path=object_array(paths),
-            status=np.asarray(status, dtype=object),
-            error=np.asarray(errors, dtype=object),
+            **rows.columns(),
             out_pixels=np.asarray(out_pixels, np.int64),
             width=np.asarray(widths, np.int64),
             height=np.asarray(heights, np.int64),

@@ -56,7 +56,7 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict[str, str]:
     """The tiny SD parts and image encoders, built once per session and loaded by path like real weights."""
-    from pipeline.profiles import ensure_tiny
+    from spasem.profiles import ensure_tiny
 
     return ensure_tiny(tmp_path_factory.mktemp("tiny-models"), ("sd", "clip_vision", "dinov2"))
 
@@ -148,3 +148,18 @@ def photo_dir(tmp_path) -> Path:
 
 def copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
+
+
+def failing_on_key(stage_cls: type, key: str) -> type:
+    """A subclass of ``stage_cls`` whose ``process`` raises on the row with ``key``: fault injection from
+    the test side, so the production stages carry no test hook. The class is built at run time, so Ray's
+    cloudpickle ships it by value to the actors."""
+
+    class FailingOnKey(stage_cls):
+        def process(self, batch, rows):
+            if any(str(batch["key"][i]) == key for i in rows):
+                raise RuntimeError(f"injected failure for key {key}")
+            return super().process(batch, rows)
+
+    FailingOnKey.__name__ = FailingOnKey.__qualname__ = f"FailingOnKey{stage_cls.__name__}"
+    return FailingOnKey

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from pipeline.prepare import main as prepare_main
-from pipeline.shards import read_tar
-from tests.conftest import write_good_photos
+from spasem.shards import read_tar
+from tests.conftest import failing_on_key, write_good_photos
 
 ARGS = ["--set", "data.hr_size=64", "--set", "data.min_size=64", "--set", "data.shard_size=4",
         "--set", "prepare.progress=false", "--set", "annotate.captions.max_new_tokens=12"]
@@ -90,8 +90,11 @@ def test_same_input_same_annotations_and_resume(annotated, photos, cache, tmp_pa
 
 
 def test_injected_failure_becomes_a_reject(annotated, photos, cache, tmp_path, monkeypatch):
+    from pipeline import annotate_phase
+
     victim = sorted(_samples(annotated))[0]
-    monkeypatch.setenv("PIPELINE_FAIL_KEY", victim)
+    failing = failing_on_key(annotate_phase.STAGES["captions"], victim)
+    monkeypatch.setitem(annotate_phase.STAGES, "captions", failing)
     out = tmp_path / "failing"
     summary = _run(photos, out, cache, "--set", "annotate.grounding.enabled=false")
     samples = _samples(out)

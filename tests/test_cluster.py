@@ -49,7 +49,7 @@ def test_setup_installs_this_project_on_every_node(cluster):
     assert local == "."
     setup = " ; ".join(cluster["setup_commands"])
     torch_at = setup.find("torch==")
-    project_at = setup.find(f"-e \"{remote}")
+    project_at = setup.find(f'-e "$HOME/{remote.removeprefix("~/")}')
     assert 0 <= torch_at < project_at, "torch must be pinned and installed before the project"
     assert "SPASEM_BUCKET=s3://" in setup  # the shared storage jobs read and write
     assert any("ray start --head" in c for c in cluster["head_start_ray_commands"])
@@ -58,7 +58,7 @@ def test_setup_installs_this_project_on_every_node(cluster):
 
 def test_training_resource_in_cluster_matches_the_config_key(cluster):
     """docs/cluster.md steers training onto train nodes with --set train.resources={train_node: 1}."""
-    from pipeline.config import load_config
+    from spasem.config import load_config
 
     custom = {k for t in cluster["available_node_types"].values() for k in t["resources"] if k not in ("CPU", "GPU")}
     assert custom == {"train_node"}

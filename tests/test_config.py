@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_config, parse_override
 from pipeline.prepare import main as prepare_main
+from spasem.config import ConfigError, load_config, parse_override
 
 
 def test_defaults_from_tiny_profile():
@@ -77,7 +77,7 @@ def test_help_lists_keys_with_defaults(capsys):
 
 def test_cli_makes_local_uris_absolute_and_keeps_s3(tmp_path, monkeypatch):
     # Ray Train workers run in their own working directory: a relative --output must not land there
-    from pipeline.config import build_parser, parse_cli
+    from spasem.config import build_parser, parse_cli
 
     monkeypatch.chdir(tmp_path)
     parser = build_parser("t", "t", ["data"])

@@ -12,12 +12,13 @@ import pytest
 import skimage.data
 from scipy import special, stats
 
-from pipeline.config import DataConfig, DegradationConfig
-from stages.columns import object_array
-from stages.degradations import add_gaussian_noise, add_poisson_noise, blur, jpeg, poisson_levels, resize
-from stages.degrade import Degrade, degrade, noise_rng, resynthesize, sample_seed, synthesize
-from stages.degrade_params import PRESETS, RECORD_FIELDS, DegradationParams, sample_params
-from stages.kernels import KERNEL_KINDS, make_kernel, sinc_kernel
+from spasem.columns import object_array
+from spasem.config import DataConfig, DegradationConfig
+from spasem.degrade.chain import degrade, noise_rng, resynthesize, sample_seed, synthesize
+from spasem.degrade.kernels import KERNEL_KINDS, make_kernel, sinc_kernel
+from spasem.degrade.ops import add_gaussian_noise, add_poisson_noise, blur, jpeg, poisson_levels, resize
+from spasem.degrade.params import PRESETS, RECORD_FIELDS, DegradationParams, sample_params
+from stages.degrade import Degrade
 
 KERNEL_FIELDS = {"kind", "size", "sigma", "rotation", "beta", "omega"}
 
@@ -111,7 +112,7 @@ def test_noise_strength_and_gray_fields(photo):
     shot_gray, inside = noisy - img, ((noisy > 0) & (noisy < 1)).all(axis=-1)  # away from clipping
     np.testing.assert_allclose(shot_gray[inside][:, 0], shot_gray[inside][:, 1], atol=1e-6)
     # Var(scale * X / vals) = scale**2 * luma / vals, with vals = 256 for a photo's 8-bit luma
-    luma = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)[inside]  # stages.degradations works in BGR
+    luma = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)[inside]  # spasem.degrade.ops works in BGR
     assert shot_gray[inside][:, 0].std() == pytest.approx(2.0 * math.sqrt(luma.mean() / 256), rel=0.1)
 
 

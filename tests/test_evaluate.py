@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.evaluate import NO_OUTPUT, NO_REFERENCE, SIZE_MISMATCH, main, pair_images
 from pipeline.evaluate_report import GAP
-from stages.metrics import full_reference_metrics
+from spasem.metrics import full_reference_metrics
 from tests.conftest import skimage_photo
 from tests.test_metrics import build_tiny_clip
 

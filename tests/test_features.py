@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import tiny_sd
-from stages import features
+from spasem import encoders as features
+from spasem.model.latents import vae_posterior
+from spasem.profiles import tiny_sd
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_vae_posterior_mean_and_logvar(paths):
     vae = AutoencoderKL.from_pretrained(paths["sd"], subfolder="vae")
     images = features.images_to_tensor(np.full((2, 32, 48, 3), 255, np.uint8))
     assert images.shape == (2, 3, 32, 48) and images.max() == 1.0
-    post = features.vae_posterior(vae, images)
+    post = vae_posterior(vae, images)
     assert post.shape == (2, 8, 4, 6)
     dist = vae.encode(images).latent_dist
     torch.testing.assert_close(post[:, :4], dist.mean)

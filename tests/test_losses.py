@@ -9,7 +9,7 @@ import torch
 from diffusers import DDPMScheduler
 from scipy.stats import wasserstein_distance
 
-from pipeline.real_size import load_spec
+from spasem.profiles.real_size import load_spec
 from training import losses
 
 

@@ -12,7 +12,7 @@ import pytest
 import skimage.color
 from skimage.metrics import structural_similarity
 
-from stages.metrics import (
+from spasem.metrics import (
     ClipIQA,
     PyiqaMetrics,
     _no_downloads,

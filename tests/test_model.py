@@ -8,12 +8,14 @@ import pytest
 import torch
 from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
-from pipeline.config_model import LossConfig, ModelConfig
-from pipeline.tiny_sd import CLIP_VISION_DIM, DINO_DIM, TEXT_DIM
-from stages.features import ImageEncoders, encode_prompts, vae_posterior
+from spasem.config.model import LossConfig, ModelConfig
+from spasem.encoders import ImageEncoders, encode_prompts
+from spasem.model.controlnet import SpatialSemanticControlNet
+from spasem.model.latents import vae_posterior
+from spasem.pixels import signed_to_hwc
+from spasem.profiles.tiny_sd import CLIP_VISION_DIM, DINO_DIM, TEXT_DIM
 from training import losses
-from training.model import SpatialSemanticControlNet
-from training.objective import SRObjective, to_uint8
+from training.objective import SRObjective
 
 MODES = [("gated", "standard"), ("attention", "standard"), ("gated", "lgcaa")]
 K = 4
@@ -152,7 +154,7 @@ def test_shard_members_give_the_same_losses_as_the_online_fallback(objective, ti
     batch = make_batch(2, seed=5)
     objective.eval()
     encoders = ImageEncoders.load(tiny["clip_vision"], tiny["dinov2"])
-    lr_feats, hr_feats = encoders.encode(to_uint8(batch["lr"])), encoders.encode(to_uint8(batch["hr"]))
+    lr_feats, hr_feats = encoders.encode(signed_to_hwc(batch["lr"])), encoders.encode(signed_to_hwc(batch["hr"]))
     text = torch.stack([encode_prompts(objective.tokenizer, objective.text_encoder, batch["caption_high"]),
                         encode_prompts(objective.tokenizer, objective.text_encoder, batch["caption_low"])], dim=1)
     shard = dict(batch, text=text.half(), latent=vae_posterior(objective.vae, batch["hr"]),

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from pipeline.prepare import main as prepare_main
-from pipeline.shards import decode_member, read_tar
-from stages.degrade import resynthesize
+from spasem.degrade.chain import resynthesize
+from spasem.shards import decode_member, read_tar
 from tests.conftest import write_bad_files, write_good_photos
 
 ROOT = Path(__file__).resolve().parent.parent

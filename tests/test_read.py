@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.storage import LocalStore
+from spasem.storage import LocalStore
 from stages.read import ReadImages, decode_image
 from tests.conftest import skimage_photo, write_bad_files, write_good_photos
 

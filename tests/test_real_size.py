@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.real_size import available, build_from_config, load_spec, parameter_count
+from spasem.profiles.real_size import available, build_from_config, load_spec, parameter_count
 
 # published parameter counts, in millions (model cards / counted from the released checkpoints)
 PUBLISHED = {

@@ -9,7 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from pipeline.shards import (
+from spasem.shards import (
     ShardFormatError,
     ShardWriter,
     build_tar,
@@ -20,7 +20,7 @@ from pipeline.shards import (
     make_key,
     read_tar,
 )
-from pipeline.storage import LocalStore, StorageError
+from spasem.storage import LocalStore, StorageError
 
 
 def _sample(key: str, value: int) -> dict:

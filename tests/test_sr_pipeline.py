@@ -10,10 +10,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, UniPCMultistepScheduler
 
-from pipeline.config_model import LossConfig, ModelConfig
-from training.model import SpatialSemanticControlNet
+from spasem.config.model import LossConfig, ModelConfig
+from spasem.model.controlnet import SpatialSemanticControlNet
+from spasem.model.sr_pipeline import NEGATIVE_PROMPT, SpatialSemanticSRPipeline
 from training.objective import SRObjective
-from training.sr_pipeline import NEGATIVE_PROMPT, SpatialSemanticSRPipeline
 
 MODES = [("gated", "standard"), ("attention", "standard"), ("gated", "lgcaa")]
 

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import tiny_sd
-from pipeline.config import CONFIG_DIR, load_config
-from pipeline.profiles import model_id, resolve_models
-from stages.annotations import AnnotationStage, extract_objects, members_to_annotations, row_to_members
-from stages.columns import object_array
+from pipeline.annotate_phase import STAGE_ORDER, STAGES, stage_kwargs
+from spasem.columns import object_array
+from spasem.config import CONFIG_DIR, load_config
+from spasem.profiles import model_id, resolve_models, tiny_sd
+from spasem.shards import decode_annotations, encode_annotations
+from stages.annotations import AnnotationStage, extract_objects
 from stages.grounding import nms, phrase_token_spans, select_boxes
+from tests.conftest import failing_on_key
 
 HR, LR = 64, 16
 
@@ -41,12 +43,7 @@ def _batch(n: int = 5, hr: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def stages(cfg, paths):
-    from stages.captions import Captioner
-    from stages.embeddings import Embedder
-    from stages.encode import Encoder
-    from stages.grounding import Grounder
-
-    return [Captioner(cfg, paths), Grounder(cfg, paths), Embedder(cfg, paths), Encoder(cfg, paths)]
+    return [STAGES[name](**stage_kwargs(cfg, name, paths)) for name in STAGE_ORDER]
 
 
 def _run(stages, batch):
@@ -90,11 +87,11 @@ def test_a_row_does_not_depend_on_the_other_shards_in_its_batch(stages, annotate
     assert np.array_equal(alone["latent"], both["latent"][3:]) and np.array_equal(alone["text"], both["text"][3:])
 
 
-def test_injected_failure_rejects_one_row_and_later_stages_skip_it(cfg, paths, stages, monkeypatch):
+def test_injected_failure_rejects_one_row_and_later_stages_skip_it(cfg, paths, stages):
     from stages.captions import Captioner
 
-    monkeypatch.setenv("PIPELINE_FAIL_KEY", "img1")
-    out = _run([Captioner(cfg, paths), stages[3]], _batch())
+    failing = failing_on_key(Captioner, "img1")
+    out = _run([failing(**stage_kwargs(cfg, "captions", paths)), stages[3]], _batch())
     assert list(out["status"]) == ["ok", "error", "ok", "ok", "ok"]
     assert out["error"][1].startswith("captions: RuntimeError: injected failure for key img1")
     assert out["caption_high"][1] == "" and out["caption_high"][0]
@@ -141,13 +138,13 @@ def test_nms_and_token_spans():
 
 def test_members_round_trip_without_pickle(annotated):
     row = {k: v[0] for k, v in annotated.items()}
-    members = row_to_members(row, {"captions": "llava-x", "grounding": "gdino-x"})
+    members = encode_annotations(row, {"captions": "llava-x", "grounding": "gdino-x"})
     assert {"caption.json", "boxes.json", "clip_lr.npy", "dino_lr.npy", "clip_hr.npy", "dino_hr.npy",
             "text.npy", "latent.npy"} == set(members)
     for name in ("clip_lr", "text", "latent"):
         arr = np.load(io.BytesIO(members[f"{name}.npy"]), allow_pickle=False)
         assert arr.dtype == np.float16 and np.array_equal(arr, row[name])
-    back = members_to_annotations(members)
+    back = decode_annotations(members)
     assert back["caption_high"] == row["caption_high"] and back["phrases"] == list(row["phrases"])
     assert back["boxes"].shape == (len(row["phrases"]), 4)
 
@@ -184,10 +181,10 @@ def test_llava_torch_backend_without_the_package_is_a_clear_error(cfg, paths):
     bad = cfg.model_copy(deep=True)
     bad.annotate.captions.backend = "llava_torch"
     with pytest.raises(ImportError, match=r"pip install 'spasem-sr\[llava\]'"):
-        Captioner(bad, paths)
+        Captioner(bad.annotate.captions, bad.models, paths)
     bad.annotate.captions.backend = "nope"
     with pytest.raises(ValueError, match="transformers"):
-        Captioner(bad, paths)
+        Captioner(bad.annotate.captions, bad.models, paths)
 
 
 def test_markers_name_models_not_cache_paths(cfg, paths):
@@ -199,8 +196,8 @@ def test_markers_name_models_not_cache_paths(cfg, paths):
 
 @pytest.mark.parametrize("static_cache", [False, True])
 def test_shared_image_prefix_gives_the_captions_of_separate_rows(paths, static_cache):
-    from pipeline.config_annotate import HIGH_PROMPT, LOW_PROMPT
-    from stages.caption_llava import TransformersLlava
+    from spasem.config.annotate import HIGH_PROMPT, LOW_PROMPT
+    from spasem.vlm.llava import TransformersLlava
 
     images = list(_batch(3)["lr"])
     shared = TransformersLlava(paths["llava"], "cpu", torch.float32, 10, compile=static_cache, share_prefix=True)

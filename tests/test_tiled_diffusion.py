@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
-from pipeline.config_upscale import UpscaleConfig
-from stages.color_fix import (
+from spasem.config.upscale import UpscaleConfig
+from spasem.model.color_fix import (
     ChannelStats,
     adain_fix,
     adain_fix_uint8,
@@ -25,9 +25,16 @@ from stages.color_fix import (
     wavelet_decomposition,
     wavelet_fix,
 )
-from stages.tiled_diffusion import TiledUpscaler, lr_window, padded_latent_size, realism_plan, regional_boxes
-from stages.tiled_vae import BicubicSource, bicubic_upsample, decode_tiled, latent_tiles
-from stages.tiling import tile_starts
+from spasem.model.tiled_diffusion import (
+    TiledUpscaler,
+    lr_window,
+    padded_latent_size,
+    realism_plan,
+    regional_boxes,
+)
+from spasem.model.tiled_vae import BicubicSource, bicubic_upsample, decode_tiled
+from spasem.model.tiling import TileGrid, tile_starts
+from spasem.pixels import signed_to_hwc
 
 
 def _to_latent(pixels: torch.Tensor) -> torch.Tensor:
@@ -37,6 +44,7 @@ def _to_latent(pixels: torch.Tensor) -> torch.Tensor:
 
 class FakeVAE:
     config = SimpleNamespace(scaling_factor=1.0, shift_factor=None)
+    dtype = torch.float32
 
     def encode(self, x):
         return SimpleNamespace(latent_dist=SimpleNamespace(mean=_to_latent(x)))
@@ -92,7 +100,7 @@ def test_each_tile_gets_its_own_region_and_boxes():
     boxes = np.array([[0.0, 0.0, 0.2, 0.3], [0.7, 0.6, 1.0, 1.0]], np.float32)
     TiledUpscaler(pipe, _cfg())(lr, "a cat", "", ["cat", "dog"], boxes, seed=0)
     crops = [c for call in pipe.calls for c in call["lr"]]
-    tiles = latent_tiles(*padded_latent_size(160, 288, 8), 16, 8)
+    tiles = TileGrid(*padded_latent_size(160, 288, 8), 16, 8).tiles
     assert len(crops) == len(tiles) and all(c.shape == crops[0].shape for c in crops)
     phrases = [p for call in pipe.calls for p in call["phrases"]]
     assert phrases[0] == ["cat"] and phrases[-1] == ["dog"], "corner boxes reach only the corner tiles"
@@ -172,7 +180,7 @@ def test_streamed_decode_equals_a_whole_image_decode():
     lat = torch.rand(1, 4, 40, 56) * 2 - 1
     decode = lambda z: F.interpolate(z[:, :3], scale_factor=8, mode="nearest")  # noqa: E731
     out = decode_tiled(decode, lat, 16, 4, 317, 445)
-    ref = ((decode(lat)[0].permute(1, 2, 0)[:317, :445] + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+    ref = signed_to_hwc(decode(lat))[0, :317, :445]
     assert out.shape == (317, 445, 3) and np.array_equal(out, ref)
 
 
@@ -239,7 +247,7 @@ def test_the_full_resolution_image_never_exists_in_float(monkeypatch):
     (["upscale.stages=[embeddings]"], "visual_tokens=image"),
 ])
 def test_bad_upscale_settings_are_errors_that_name_the_key(overrides, message):
-    from pipeline.config import ConfigError, load_config
+    from spasem.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=overrides)

@@ -1,4 +1,4 @@
-"""Tiling: full coverage, exact identity, no seams, output sizes for odd shapes."""
+"""The tile blender: full coverage, exact identity, no seams, output sizes for odd shapes, streaming."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.tiling import ramp, tile_starts, tiled_map
+from spasem.model.tiling import TileBlender, TileGrid, ramp, tile_starts
+
+
+def _blend(fn, x: torch.Tensor, tile: int, overlap: int, scale: int = 1) -> torch.Tensor:
+    """``fn`` applied tile by tile to ``x`` and blended, the way the tiled VAE and sampler do it."""
+    grid = TileGrid(x.shape[2], x.shape[3], tile, overlap)
+    return TileBlender(grid, scale).blend((t, fn(t.crop(x))) for t in grid.tiles)
 
 
 @pytest.mark.parametrize("size, tile, overlap", [(64, 64, 8), (100, 64, 8), (517, 96, 16), (333, 64, 32)])
@@ -20,6 +26,7 @@ def test_tiles_cover_and_overlap(size, tile, overlap):
 def test_bad_tile_settings_are_errors():
     with pytest.raises(ValueError, match="larger than the overlap"):
         tile_starts(100, 16, 16)
+    assert tile_starts(8, 64, 16) == [0], "a side shorter than the overlap is one tile"
 
 
 def test_ramps_fade_towards_inner_borders_only():
@@ -31,14 +38,13 @@ def test_ramps_fade_towards_inner_borders_only():
 
 
 def test_identity_is_exact_for_odd_sizes():
-    x = torch.rand(1, 3, 333, 517)
-    y = tiled_map(lambda t: t, x, tile=64, overlap=16)
-    assert torch.allclose(y, x, atol=1e-6)
+    x = torch.rand(2, 3, 333, 517)
+    assert torch.allclose(_blend(lambda t: t, x, tile=64, overlap=16), x, atol=1e-6)
 
 
 def test_scaled_output_size_for_odd_input():
     x = torch.rand(1, 4, 41, 67)
-    y = tiled_map(lambda t: F.interpolate(t, scale_factor=8, mode="nearest"), x, tile=16, overlap=4, out_scale=8)
+    y = _blend(lambda t: F.interpolate(t, scale_factor=8, mode="nearest"), x, tile=16, overlap=4, scale=8)
     assert y.shape == (1, 4, 41 * 8, 67 * 8)
 
 
@@ -52,9 +58,30 @@ def test_no_seams_on_a_smooth_gradient():
         return F.conv2d(F.interpolate(t, scale_factor=2, mode="bilinear"), torch.full((3, 1, 3, 3), 1 / 9),
                         padding=1, groups=3)
 
-    y = tiled_map(up, x, tile=48, overlap=16, out_scale=2)[0]
+    y = _blend(up, x, tile=48, overlap=16, scale=2)[0]
     jumps_x = (y[:, :, 1:] - y[:, :, :-1]).abs().amax(dim=(0, 1))
     borders = {2 * (s + 48) for s in tile_starts(w, 48, 16)} | {2 * s for s in tile_starts(w, 48, 16)}
     inner = [j for i, j in enumerate(jumps_x.tolist()) if all(abs(i - b) > 4 for b in borders) and 4 < i < 2 * w - 5]
     across = [jumps_x[b - 1].item() for b in borders if 4 < b < 2 * w - 5]
     assert max(across) <= max(inner) * 1.05
+
+
+def test_streamed_bands_equal_the_whole_blend_and_stay_one_tile_row_high():
+    x = torch.rand(1, 3, 70, 90)
+    grid = TileGrid(70, 90, 24, 10)
+    blender = TileBlender(grid, scale=2)
+    bands = list(blender.stream((t, F.interpolate(t.crop(x), scale_factor=2)) for t in grid.tiles))
+    tops = [top for top, _ in bands]
+    assert tops == [2 * y for y in tile_starts(70, 24, 10)], "one band per tile row, top to bottom"
+    assert all(rows.shape[2] <= 2 * 24 and rows.shape[3] == 180 for _, rows in bands)
+    whole = blender.blend((t, F.interpolate(t.crop(x), scale_factor=2)) for t in grid.tiles)
+    assert torch.equal(torch.cat([rows for _, rows in bands], dim=2), whole) and whole.shape == (1, 3, 140, 180)
+
+
+def test_tiles_out_of_order_or_missing_are_errors():
+    x = torch.rand(1, 1, 40, 40)
+    grid = TileGrid(40, 40, 16, 4)
+    with pytest.raises(ValueError, match="out of grid order"):
+        TileBlender(grid).blend((t, t.crop(x)) for t in reversed(grid.tiles))
+    with pytest.raises(ValueError, match="every tile"):
+        TileBlender(grid).blend((t, t.crop(x)) for t in grid.tiles[:3])

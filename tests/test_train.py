@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pipeline.prepare import main as prepare_main
-from pipeline.storage import open_store
+from spasem.storage import open_store
 from tests.conftest import skimage_photo
 from training.checkpoints import latest_checkpoint
 from training.launch import main as launch_main
@@ -145,8 +145,8 @@ def test_injected_fault_is_survived_with_checkpoints_on_s3(reference, shards, bu
 def test_export_loads_into_the_one_image_pipeline(reference, shards):
     import torch
 
-    from pipeline.shards import decode_member, read_tar
-    from training.sr_pipeline import SpatialSemanticSRPipeline
+    from spasem.model.sr_pipeline import SpatialSemanticSRPipeline
+    from spasem.shards import decode_member, read_tar
 
     pipe = SpatialSemanticSRPipeline.from_pretrained(str(reference / "export"))
     _, members = read_tar((shards / "pairs" / "shard-000000.tar").read_bytes())[0]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.shards import ShardWriter, encode_json, encode_npy, encode_png
-from pipeline.storage import LocalStore, open_store
+from spasem.config import load_config
+from spasem.shards import ShardWriter, encode_json, encode_npy, encode_png
+from spasem.storage import LocalStore, open_store
 from training.checkpoints import TrainState, latest_checkpoint, resume_point
-from training.data import DataError, plan_shards, rank_dataset, to_torch
+from training.data import DataError, rank_dataset, to_torch, training_shards
 from training.deepspeed_config import build_deepspeed_config
 
 
@@ -47,7 +47,7 @@ def _stream(plan, rank, world, batch, skip, steps) -> list[str]:
 
 def test_worker_streams_partition_the_epoch_and_resume_skips_exactly(tmp_path, ray_cluster):
     keys = _write_shards(tmp_path / "shards", [3, 4, 3, 5], annotated=False)
-    plan = plan_shards(str(tmp_path))
+    plan = training_shards(str(tmp_path))
     assert [s.count for s in plan.shards] == [3, 4, 3, 5] and plan.members == ()
     per_epoch = plan.steps_per_epoch(2, 2)  # worker 0: 3+3 samples, worker 1: 4+5 -> 3 steps of 2
     assert per_epoch == 3
@@ -61,7 +61,7 @@ def test_worker_streams_partition_the_epoch_and_resume_skips_exactly(tmp_path, r
 
 def test_annotated_members_are_decoded_and_padded(tmp_path, ray_cluster):
     _write_shards(tmp_path / "shards", [2, 2], annotated=True)
-    plan = plan_shards(str(tmp_path))
+    plan = training_shards(str(tmp_path))
     assert set(plan.members) == {"latent.npy", "caption.json", "boxes.json"}
     ds = rank_dataset(plan, 0, 1, 2, 1, 0, 2, max_boxes=4)
     batch = to_torch(next(iter(ds.iter_batches(batch_size=2, batch_format="numpy"))))
@@ -76,12 +76,12 @@ def test_annotated_members_are_decoded_and_padded(tmp_path, ray_cluster):
 def test_unfinished_shards_and_too_few_shards_are_refused(tmp_path):
     _write_shards(tmp_path / "shards", [2, 2], annotated=False)
     (tmp_path / "shards" / "shard-000001.json").unlink()  # the second tar may still be being written
-    plan = plan_shards(str(tmp_path))
+    plan = training_shards(str(tmp_path))
     assert [s.rel for s in plan.shards] == ["shard-000000.tar"]
     with pytest.raises(DataError, match="each worker needs at least one shard"):
         plan.steps_per_epoch(2, 1)
-    with pytest.raises(DataError, match="no WebDataset shards"):
-        plan_shards(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="no finished WebDataset shards"):
+        training_shards(str(tmp_path / "empty"))
 
 
 def test_latest_checkpoint_needs_every_rank(tmp_path):
@@ -118,7 +118,7 @@ def test_deepspeed_config_follows_the_typed_config(stage, precision, offload):
 
 
 def test_config_rejects_what_deepspeed_cannot_do():
-    from pipeline.config import ConfigError
+    from spasem.config import ConfigError
 
     with pytest.raises(ConfigError, match="offload_params needs deepspeed.stage=3"):
         load_config(overrides=["deepspeed.offload_params=true", "deepspeed.stage=2"])

@@ -18,11 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import load_config
 from pipeline.upscale import main
 from pipeline.upscale_model import resolve_model
-from stages.metrics import full_reference_metrics
-from stages.tiled_vae import bicubic_upsample
+from spasem.config import load_config
+from spasem.metrics import full_reference_metrics
+from spasem.model.tiled_vae import bicubic_upsample
 from tests.conftest import _png_header_only, skimage_photo
 
 FAST = ["upscale.steps=2", "upscale.tile_size=16", "upscale.tile_overlap=4", "upscale.tile_batch=16"]
@@ -142,13 +142,13 @@ def test_s3_input_output_and_model(bucket, s3_server, tmp_path, ray_cluster):
 
 @pytest.fixture(scope="module")
 def tiny_pipe():
-    from stages.diffuse import load_sr_pipeline
+    from spasem.model.sr_pipeline import load_sr_pipeline
 
     return load_sr_pipeline(resolve_model(load_config()))
 
 
 def _upscaler(pipe, **kw):
-    from stages.tiled_diffusion import TiledUpscaler
+    from spasem.model.tiled_diffusion import TiledUpscaler
 
     base = {"steps": 4, "tile_size": 16, "tile_overlap": 8, "color_fix": "none", "scale": 4}
     return TiledUpscaler(pipe, load_config().upscale.model_copy(update={**base, **kw}))
@@ -170,8 +170,8 @@ def test_no_seams_with_the_real_model(tiny_pipe):
     yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
     lr = (np.stack([xx, yy, 1 - xx], axis=-1) * 200 + 20).astype(np.uint8)
     out = _upscaler(tiny_pipe, realism=0.3, color_fix="wavelet")(lr, seed=0).astype(np.float64)
-    from stages.tiled_diffusion import padded_latent_size
-    from stages.tiling import tile_starts
+    from spasem.model.tiled_diffusion import padded_latent_size
+    from spasem.model.tiling import tile_starts
 
     jumps = np.abs(np.diff(out, axis=1)).max(axis=(0, 2))
     starts = tile_starts(padded_latent_size(h * 4, w * 4, 8)[1], 16, 8)
@@ -181,13 +181,13 @@ def test_no_seams_with_the_real_model(tiny_pipe):
 
 
 def test_whole_image_tokens_come_from_the_embeddings_stage(tiny_pipe, monkeypatch):
-    from pipeline.profiles import ensure_tiny
-    from stages.columns import object_array
+    from spasem.columns import object_array
+    from spasem.profiles import ensure_tiny
     from stages.embeddings import Embedder
 
     cfg = load_config()
     lr = cv2.resize(skimage_photo("chelsea.png"), (48, 32), interpolation=cv2.INTER_AREA)
-    row = Embedder(cfg, ensure_tiny(cfg.models.cache_dir, ("clip_vision", "dinov2")))(
+    row = Embedder(cfg.annotate.embeddings, cfg.models, ensure_tiny(cfg.models.cache_dir, ("clip_vision", "dinov2")))(
         {"key": object_array(["k"]), "lr": lr[None], "status": object_array(["ok"]), "error": object_array([""])})
     seen = []
     real = tiny_pipe.predict_noise

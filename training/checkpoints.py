@@ -26,8 +26,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.storage import LocalStore, Store, open_store
-from training.data import arrow_location
+from spasem.config import StorageConfig
+from spasem.storage import LocalStore, Store, download_tree, upload_tree
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -76,10 +76,6 @@ def resume_point(state: TrainState | None, world: int, batch_size: int, grad_acc
     return TrainState(state.step, epoch, epoch_step, **geometry)
 
 
-def open_run(run_uri: str, endpoint_url: str | None = None, region: str | None = None) -> Store:
-    return open_store(run_uri, endpoint_url, region)
-
-
 def latest_checkpoint(run: Store) -> tuple[str, TrainState] | None:
     """The newest checkpoint whose every rank finished writing, with its state; None on a fresh run."""
     files = set(run.child(CHECKPOINTS).list())
@@ -106,32 +102,19 @@ def fetch_checkpoint(run: Store, name: str, rank: int) -> tuple[str, bool]:
     if isinstance(store, LocalStore):
         return str(store.root), False
     local = tempfile.mkdtemp(prefix=f"ckpt-{name}-")
-    for rel in store.list():
-        base = rel.rsplit("/", 1)[-1]
-        other_rank = re.match(r"zero_pp_rank_(\d+)_", base)
-        if other_rank and int(other_rank.group(1)) != rank:
-            continue
-        target = Path(local, rel)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(store.read(rel))
+
+    def mine(rel: str) -> bool:
+        other_rank = re.match(r"zero_pp_rank_(\d+)_", rel.rsplit("/", 1)[-1])
+        return not other_rank or int(other_rank.group(1)) == rank
+
+    download_tree(store, local, keep=mine)
     return local, True
 
 
-def ray_storage(run_uri: str, endpoint_url: str | None = None, region: str | None = None):
+def ray_storage(run_uri: str, storage: StorageConfig):
     """``(storage_path, storage_filesystem)`` for RunConfig: Ray Train writes checkpoints under RUN_URI."""
-    fs, path = arrow_location(run_uri, endpoint_url, region)
+    fs, path = storage.arrow(run_uri)
     return (path if fs is not None else os.path.abspath(os.path.expanduser(path))), fs
-
-
-def upload_folder(local: str | Path, store: Store) -> list[str]:
-    """Copy every file under ``local`` into ``store`` (each write atomic); returns the relative paths."""
-    local = Path(local)
-    written = []
-    for path in sorted(p for p in local.rglob("*") if p.is_file()):
-        rel = path.relative_to(local).as_posix()
-        store.write(rel, path.read_bytes())
-        written.append(rel)
-    return written
 
 
 def publish_export(local: str | Path, run: Store, config_yaml: str, step: int) -> str:
@@ -155,11 +138,7 @@ def publish_export(local: str | Path, run: Store, config_yaml: str, step: int) -
         os.replace(staging, root)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        marker = local / "export.json"
-        files = [p for p in sorted(local.rglob("*")) if p.is_file() and p != marker]
-        for path in files:
-            target.write(path.relative_to(local).as_posix(), path.read_bytes())
-        target.write("export.json", marker.read_bytes())
+        upload_tree(local, target, last="export.json")
     return run.url(EXPORT)
 
 

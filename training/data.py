@@ -23,29 +23,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.shards import decode_member, read_tar
-from pipeline.storage import open_store
+from spasem.config import StorageConfig
+from spasem.pixels import to_signed_np
+from spasem.shards import (
+    IMAGE_MEMBERS,
+    NPY_MEMBERS,
+    PAIRS_DIR,
+    ShardInfo,
+    decode_annotations,
+    decode_member,
+    list_shards,
+    read_tar,
+    split_holdout,
+)
 
 log = logging.getLogger(__name__)
 
-IMAGE_MEMBERS = ("hr.png", "lr.png")
-JSON_MEMBERS = ("json", "caption.json", "boxes.json")
-TENSOR_MEMBERS = ("latent.npy", "text.npy", "clip_lr.npy", "dino_lr.npy", "clip_hr.npy", "dino_hr.npy")
-WANTED = IMAGE_MEMBERS + JSON_MEMBERS + TENSOR_MEMBERS
+TENSOR_MEMBERS = tuple(f"{name}.npy" for name in NPY_MEMBERS)
+WANTED = IMAGE_MEMBERS + ("json", "caption.json", "boxes.json") + TENSOR_MEMBERS
 
 
 class DataError(ValueError):
     """Shards that cannot feed the configured training run."""
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    rel: str                # path relative to the plan's root URI
-    keys: tuple[str, ...]   # sample keys in tar order (sorted, as pipeline.shards writes them)
-
-    @property
-    def count(self) -> int:
-        return len(self.keys)
 
 
 @dataclass(frozen=True)
@@ -73,67 +72,23 @@ class ShardPlan:
         return steps
 
 
-def _shard_folder(store) -> tuple[Any, list[str]]:
-    """The folder holding the shards: prepare's final URI/shards/, else its URI/pairs/ (shard phase only:
-    no annotations, the objective computes what it needs online), else URI itself."""
-    if store.uri.endswith(".tar"):
-        return store, [""]
-    for sub in ("shards", "pairs"):
-        nested = store.child(sub)
-        tars = [t for t in nested.list((".tar",)) if "/" not in t]
-        if tars:
-            if sub == "pairs":
-                log.warning("%s has no final shards: training on the unannotated pairs in %s", store.uri, nested.uri)
-            return nested, tars
-    return store, [t for t in store.list((".tar",)) if "/" not in t]
-
-
-def plan_shards(uri: str, val_shards: int = 0, endpoint_url: str | None = None,
-                region: str | None = None) -> ShardPlan:
-    """List the finished shards under ``uri`` (a prepare output, its ``shards/`` folder or one tar)."""
-    folder, tars = _shard_folder(open_store(uri, endpoint_url, region))
-    if not tars:
-        raise DataError(f"no WebDataset shards (*.tar) under {uri}: run `python -m pipeline.prepare` first")
-    markers = {m for m in folder.list((".json",)) if "/" not in m}
-    infos = []
-    for rel in sorted(tars):
-        marker = rel[:-4] + ".json"
-        if markers and marker not in markers:
-            log.warning("skipping %s: no done marker, the shard may still be being written", folder.url(rel))
-            continue
-        if marker in markers:
-            import json
-
-            keys = json.loads(folder.read(marker))["keys"]
-        else:  # a hand-made folder of tars without markers: list the keys from the tar itself
-            keys = [key for key, _ in read_tar(folder.read(rel))]
-        infos.append(ShardInfo(rel, tuple(keys)))
-    infos = [s for s in infos if s.count]
+def training_shards(uri: str, val_shards: int = 0, storage: StorageConfig | None = None) -> ShardPlan:
+    """The finished shards under ``uri`` (a prepare output, its ``shards/`` folder or one tar), the last
+    ``val_shards`` non-empty ones held out for validation."""
+    folder, infos = list_shards((storage or StorageConfig()).open(uri))
+    if not infos:
+        raise DataError(f"no finished WebDataset shards (*.tar) under {uri}: run `python -m pipeline.prepare` first")
+    if folder.uri.rstrip("/").endswith(f"/{PAIRS_DIR}"):
+        log.warning("%s has no final shards: training on the unannotated pairs in %s", uri, folder.uri)
     if val_shards >= len(infos):
         raise DataError(f"train.val_shards={val_shards} leaves no training shards out of {len(infos)}")
-    train, val = (infos[:-val_shards], infos[-val_shards:]) if val_shards else (infos, [])
+    train, val = split_holdout(infos, val_shards)
     first = read_tar(folder.read(train[0].rel))[0][1]
     members = tuple(m for m in TENSOR_MEMBERS + ("caption.json", "boxes.json") if m in first)
     missing = [m for m in IMAGE_MEMBERS if m not in first]
     if missing:
         raise DataError(f"shard {folder.url(train[0].rel)} has no {missing} members: not a training shard")
     return ShardPlan(folder.uri, tuple(train), members, tuple(val))
-
-
-def arrow_location(uri: str, endpoint_url: str | None = None, region: str | None = None):
-    """``(pyarrow filesystem or None, path)`` for Ray: S3 paths lose the scheme and get an explicit endpoint."""
-    if not uri.startswith("s3://"):
-        return None, uri
-    import os
-
-    import pyarrow.fs as pafs
-
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs: dict[str, Any] = {"region": region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-    return pafs.S3FileSystem(**kwargs), uri[len("s3://"):].rstrip("/")
 
 
 def _select_member(fname: str) -> bool:
@@ -150,39 +105,35 @@ class DecodeBatch:
 
     @staticmethod
     def _image(data: bytes) -> np.ndarray:
-        rgb = decode_member("png", data)
-        return (rgb.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+        return to_signed_np(decode_member("png", data)).transpose(2, 0, 1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n, k = len(batch["__key__"]), self.max_boxes
         out: dict[str, Any] = {"key": np.asarray([str(x) for x in batch["__key__"]], dtype=object)}
         out["hr"] = np.stack([self._image(b) for b in batch["hr.png"]])
         out["lr"] = np.stack([self._image(b) for b in batch["lr.png"]])
-        high, low = [""] * n, [""] * n
-        if "caption.json" in self.members:
-            caps = [decode_member("json", b) for b in batch["caption.json"]]
-            high, low = [c.get("high", "") for c in caps], [c.get("low", "") for c in caps]
+        rows = [decode_annotations({m: batch[m][i] for m in self.members}) for i in range(n)]
         phrases = np.empty(n, dtype=object)
         boxes = np.zeros((n, k, 4), np.float32)
         mask = np.zeros((n, k), np.float32)
-        for i in range(n):
-            rec = decode_member("json", batch["boxes.json"][i]) if "boxes.json" in self.members else {}
-            names = [str(p) for p in rec.get("phrases", [])][:k]
-            coords = np.asarray(rec.get("boxes", []), np.float32).reshape(-1, 4)[: len(names)]
+        for i, row in enumerate(rows):
+            names = row.get("phrases", [])[:k]
+            coords = row.get("boxes", np.zeros((0, 4), np.float32))[: len(names)]
             boxes[i, : len(coords)] = coords
             mask[i, : len(coords)] = 1.0
             phrases[i] = names[: len(coords)] + [""] * (k - len(coords))
-        out.update(caption_high=np.asarray(high, dtype=object), caption_low=np.asarray(low, dtype=object),
+        out.update(caption_high=np.asarray([r.get("caption_high", "") for r in rows], dtype=object),
+                   caption_low=np.asarray([r.get("caption_low", "") for r in rows], dtype=object),
                    phrases=phrases, boxes=boxes, box_mask=mask)
         for member in self.members:
             if member.endswith(".npy"):
-                out[member[:-4]] = np.stack([decode_member("npy", b) for b in batch[member]])
+                out[member[:-4]] = np.stack([r[member[:-4]] for r in rows])
         return out
 
 
 def rank_dataset(plan: ShardPlan, rank: int, world: int, batch_size: int, grad_accum: int, skip_steps: int,
-                 num_steps: int, max_boxes: int, decode_num_cpus: float = 0.25, endpoint_url: str | None = None,
-                 region: str | None = None):
+                 num_steps: int, max_boxes: int, storage: StorageConfig | None = None,
+                 decode_num_cpus: float = 0.25):
     """Worker ``rank``'s stream: its shards in order, ``skip_steps`` steps dropped, ``num_steps`` steps long."""
     import ray
 
@@ -195,7 +146,7 @@ def rank_dataset(plan: ShardPlan, rank: int, world: int, batch_size: int, grad_a
     if not shards or num_steps <= 0:
         raise DataError(f"worker {rank} has no samples left to read (skip {skip_steps} steps, {num_steps} to go)")
     consumed = frozenset(shards[0].keys[:skip])
-    fs, root = arrow_location(plan.root, endpoint_url, region)
+    fs, root = (storage or StorageConfig()).arrow(plan.root)
     paths = [f"{root}/{s.rel}" if s.rel else root for s in shards]
     ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, fileselect=_select_member,
                                   override_num_blocks=len(paths), num_cpus=decode_num_cpus)
@@ -205,12 +156,12 @@ def rank_dataset(plan: ShardPlan, rank: int, world: int, batch_size: int, grad_a
     return ds.map_batches(DecodeBatch(plan.members, max_boxes), batch_size=batch_size, batch_format="numpy", num_cpus=decode_num_cpus)
 
 
-def val_dataset(plan: ShardPlan, max_boxes: int, batch_size: int, decode_num_cpus: float = 0.25,
-                endpoint_url: str | None = None, region: str | None = None):
+def val_dataset(plan: ShardPlan, max_boxes: int, batch_size: int, storage: StorageConfig | None = None,
+                decode_num_cpus: float = 0.25):
     """The held-out shards, decoded; every worker reads the same rows (ZeRO-3 needs all ranks in forward)."""
     import ray
 
-    fs, root = arrow_location(plan.root, endpoint_url, region)
+    fs, root = (storage or StorageConfig()).arrow(plan.root)
     ds = ray.data.read_webdataset([f"{root}/{s.rel}" for s in plan.val], filesystem=fs, decoder=None,
                                   fileselect=_select_member, num_cpus=decode_num_cpus)
     return ds.map_batches(DecodeBatch(plan.members, max_boxes), batch_size=batch_size, batch_format="numpy",

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config_train import DeepSpeedConfig, TrainConfig
+from spasem.config.train import DeepSpeedConfig, TrainConfig
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -17,10 +17,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.config import Config, ConfigError, build_parser, config_to_yaml, parse_cli
-from pipeline.runtime import init_ray
-from training.checkpoints import open_run, ray_storage
-from training.data import DataError, plan_shards
+from spasem.config import Config, ConfigError, build_parser, config_to_yaml, parse_cli
+from stages.runtime import init_ray
+from training.checkpoints import ray_storage
+from training.data import DataError, training_shards
 from training.loop import LaunchSpec, build_datasets, train_loop_per_worker
 
 log = logging.getLogger("training.launch")
@@ -47,7 +47,7 @@ def build_trainer(cfg: Config, spec: LaunchSpec):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.train
-    storage_path, filesystem = ray_storage(cfg.output, cfg.storage.endpoint_url, cfg.storage.region)
+    storage_path, filesystem = ray_storage(cfg.output, cfg.storage)
     resources = {"CPU": t.cpus_per_worker, **t.resources}
     run_config = RunConfig(
         name="checkpoints", storage_path=storage_path, storage_filesystem=filesystem,
@@ -68,16 +68,16 @@ def build_trainer(cfg: Config, spec: LaunchSpec):
 
 def run_training(cfg: Config) -> dict[str, Any]:
     """Plan the shards, write RUN_URI/config.yaml, train; returns a summary of the run."""
-    plan = plan_shards(cfg.input, cfg.train.val_shards, cfg.storage.endpoint_url, cfg.storage.region)
+    plan = training_shards(cfg.input, cfg.train.val_shards, cfg.storage)
     t = cfg.train
     per_epoch = plan.steps_per_epoch(t.num_workers, t.batch_size * t.grad_accum)
     log.info("%d training shards (%d samples), %d held out; %d steps per epoch; members: %s",
              len(plan.shards), sum(s.count for s in plan.shards), len(plan.val), per_epoch,
              ", ".join(plan.members) or "images only (the rest is computed online)")
-    from pipeline.profiles import resolve_models
+    from spasem.profiles import resolve_models
 
     paths = resolve_models(cfg.models, ("sd", "clip_vision", "dinov2"))  # the frozen models training loads
-    run = open_run(cfg.output, cfg.storage.endpoint_url, cfg.storage.region)
+    run = cfg.storage.open(cfg.output)
     run.write("config.yaml", config_to_yaml(cfg).encode())
     init_ray(cfg.ray, progress=False)
     spec = LaunchSpec(cfg.model_dump(mode="json"), plan, paths, cfg.model.max_boxes, fault_at_step())

@@ -17,14 +17,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import Config, config_to_yaml, validate_config
+from spasem.config import Config, config_to_yaml, validate_config
+from spasem.model.sr_pipeline import load_sr_pipeline
 from training.checkpoints import (
     TrainState,
     checkpoint_name,
     fetch_checkpoint,
     inject_fault_once,
     latest_checkpoint,
-    open_run,
     publish_export,
     resume_point,
 )
@@ -52,7 +52,7 @@ def _start_state(spec: LaunchSpec, world: int) -> tuple[TrainState, str | None, 
     cfg = spec.cfg
     t = cfg.train
     steps_per_epoch = spec.plan.steps_per_epoch(world, t.batch_size * t.grad_accum)
-    found = latest_checkpoint(open_run(cfg.output, cfg.storage.endpoint_url, cfg.storage.region))
+    found = latest_checkpoint(cfg.storage.open(cfg.output))
     state = resume_point(found[1] if found else None, world, t.batch_size, t.grad_accum, steps_per_epoch)
     return state, (found[0] if found else None), steps_per_epoch
 
@@ -61,8 +61,7 @@ def build_datasets(spec: LaunchSpec) -> dict[str, Any]:
     """Dataset factories by name: ``resume-R`` (rest of the current epoch), ``epoch-R`` (a full epoch), ``val``."""
     cfg = spec.cfg
     t, world = cfg.train, cfg.train.num_workers
-    common = dict(max_boxes=spec.max_boxes, decode_num_cpus=t.decode_num_cpus,
-                  endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+    common = dict(max_boxes=spec.max_boxes, decode_num_cpus=t.decode_num_cpus, storage=cfg.storage)
 
     def resume(rank: int):
         state, _, per_epoch = _start_state(spec, world)
@@ -102,7 +101,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     set_accelerator(t.use_gpu)
     device = ray.train.torch.get_device()
-    run = open_run(cfg.output, cfg.storage.endpoint_url, cfg.storage.region)
+    run = cfg.storage.open(cfg.output)
     runner = Runner(cfg, spec.paths, rank, world, device)
     start, found, _ = _start_state(spec, world)
     if found:
@@ -205,7 +204,6 @@ def _samples(export_dir: str, batch: dict[str, Any] | None, step: int, cfg: Conf
     """Rank 0: LR | output | HR grid from the freshly exported pipeline (so the export is exercised too)."""
     if batch is None:
         return
-    from stages.diffuse import load_sr_pipeline
     from training.reporting import render_samples, write_png
 
     try:

@@ -4,7 +4,7 @@ Spatial-Semantic ControlNet, composed into one module whose forward returns the 
 The training runner wraps this module in DeepSpeed and optimizes ``trainable_parameters()``; the
 upscale stage and users load what ``export`` writes with ``SpatialSemanticSRPipeline.from_pretrained``.
 Shard members that are missing from a batch (``text``, ``latent``, ``clip_lr``, ...) are computed
-online with ``stages.features``, the code the annotation stages use.
+online with ``spasem.encoders``, the code the annotation stages use.
 """
 
 from __future__ import annotations
@@ -12,25 +12,20 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
-from pipeline.config_model import LossConfig, ModelConfig
-from stages.features import ImageEncoders, encode_phrases, encode_prompts, load_text_encoder, vae_posterior
+from spasem.config.model import LossConfig, ModelConfig
+from spasem.encoders import ImageEncoders, encode_phrases, encode_prompts
+from spasem.model.controlnet import SpatialSemanticControlNet, controlled_unet
+from spasem.model.latents import decode_latents, sample_posterior, vae_posterior
+from spasem.model.restorer import apply_keep, stream_keep_masks
+from spasem.model.sr_pipeline import SpatialSemanticSRPipeline, build_sr_pipeline
+from spasem.pixels import signed_to_hwc
 from training import losses
-from training.conditioning import apply_keep, stream_keep_masks
-from training.model import SpatialSemanticControlNet
 
 log = logging.getLogger(__name__)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float ``[B,3,H,W]`` in [-1, 1] -> uint8 ``[B,H,W,3]`` (for the frozen image encoders)."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def control_image(lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -62,24 +57,13 @@ class SRObjective(nn.Module):
         With ``paths["controlnet"]`` (an exported ``controlnet`` folder) training starts from it instead
         of a fresh ``from_unet`` copy. Frozen parts are loaded in ``dtype``; the ControlNet in float32.
         """
-        sd = paths["sd"]
-        unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(sd, subfolder="vae", torch_dtype=dtype)
-        tokenizer, text_encoder = load_text_encoder(sd, dtype=dtype)
-        encoders = ImageEncoders.load(paths["clip_vision"], paths["dinov2"], dtype=dtype)
-        scheduler = DDPMScheduler.from_pretrained(sd, subfolder="scheduler")
-        if paths.get("controlnet"):
-            controlnet = SpatialSemanticControlNet.from_pretrained(paths["controlnet"], torch_dtype=torch.float32)
-        else:
-            # load_state_dict copies (and casts) the UNet's weights into the float32 branch
-            controlnet = SpatialSemanticControlNet.from_unet(
-                unet, text_dim=text_encoder.config.hidden_size,
-                clip_dim=encoders.clip.config.hidden_size, dino_dim=encoders.dino.config.hidden_size,
-                **model_cfg.controlnet_kwargs(),
-            )
+        pipe = build_sr_pipeline(paths, model_cfg, dtype)
+        encoders = ImageEncoders(pipe.clip_vision, pipe.clip_processor, pipe.dino, pipe.dino_processor)
+        controlnet = pipe.controlnet
         if model_cfg.gradient_checkpointing:
             controlnet.enable_gradient_checkpointing()
-        return cls(unet, vae, text_encoder, tokenizer, encoders, scheduler, controlnet, model_cfg, loss_cfg)
+        return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, encoders, pipe.scheduler, controlnet,
+                   model_cfg, loss_cfg)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The ControlNet branch and the new layers; everything else is frozen."""
@@ -127,9 +111,9 @@ class SRObjective(nn.Module):
         boxes, box_mask = F.pad(boxes, (0, 0, 0, pad)), F.pad(box_mask, (0, pad))
         out.update(phrase_embeds=phrase_embeds.float(), boxes=boxes, box_mask=box_mask * phrase_mask.float())
         need_lr = batch.get("clip_lr") is None or batch.get("dino_lr") is None
-        lr_feats = self.encoders.encode(to_uint8(lr)) if need_lr else {}
+        lr_feats = self.encoders.encode(signed_to_hwc(lr)) if need_lr else {}
         need_hr = batch.get("clip_hr") is None or batch.get("dino_hr") is None
-        hr_feats = self.encoders.encode(to_uint8(hr)) if need_hr and self.loss_cfg.semantic > 0 else {}
+        hr_feats = self.encoders.encode(signed_to_hwc(hr)) if need_hr and self.loss_cfg.semantic > 0 else {}
         for name, online in (("clip_lr", "clip_tokens"), ("dino_lr", "dino_tokens"),
                              ("clip_hr", "clip_pooled"), ("dino_hr", "dino_pooled")):
             value = batch.get(name)
@@ -155,10 +139,8 @@ class SRObjective(nn.Module):
         def randn(shape):
             return torch.randn(shape, generator=generator, device=gdev).to(dev)
 
-        mean, logvar = cond["posterior"].chunk(2, dim=1)
-        scaling = self.vae.config.scaling_factor
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        latents = ((mean + (0.5 * logvar).exp() * randn(mean.shape)) - shift) * scaling
+        posterior = cond["posterior"]
+        latents = sample_posterior(self.vae.config, posterior, randn(posterior[:, : posterior.shape[1] // 2].shape))
         noise = randn(latents.shape)
         steps = self.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (bsz,), generator=generator, device=gdev).to(dev)
@@ -177,17 +159,12 @@ class SRObjective(nn.Module):
             clip_lr = apply_keep(clip_lr, keep_visual) if clip_lr is not None else None
             dino_lr = apply_keep(dino_lr, keep_visual) if dino_lr is not None else None
 
-        ctrl = self.controlnet(
-            noisy, timesteps, control_image(lr, tuple(hr.shape[-2:])), text_high, text_low=text_low,
-            boxes=cond["boxes"], phrase_embeds=cond["phrase_embeds"], box_mask=box_mask,
+        pred, ctrl = controlled_unet(
+            self.unet, self.controlnet, noisy, timesteps, control_image(lr, tuple(hr.shape[-2:])), text_high,
+            text_low=text_low, boxes=cond["boxes"], phrase_embeds=cond["phrase_embeds"], box_mask=box_mask,
             clip_tokens=clip_lr, dino_tokens=dino_lr,
         )
-        udt = self.unet.dtype
-        pred = self.unet(
-            noisy.to(udt), timesteps, encoder_hidden_states=text_high.to(udt),
-            down_block_additional_residuals=[r.to(udt) for r in ctrl.down_block_res_samples],
-            mid_block_additional_residual=ctrl.mid_block_res_sample.to(udt),
-        ).sample.float()
+        pred = pred.float()
 
         ptype = self.scheduler.config.prediction_type
         cfg = self.loss_cfg
@@ -197,8 +174,7 @@ class SRObjective(nn.Module):
         x0 = losses.predicted_x0(noisy, pred, timesteps, self.alphas_cumprod, ptype)
         pixels = None
         if cfg.needs_pixels:
-            vdt = self.vae.dtype
-            pixels = self.vae.decode((x0 / scaling + shift).to(vdt)).sample.float()
+            pixels = decode_latents(self.vae, x0).float()
         if cfg.degradation_free > 0:
             terms["degradation_free"] = losses.degradation_free_loss(
                 x0, latents, pixels if cfg.degradation_free_pixels else None, hr, cfg.degradation_free_scales)
@@ -215,10 +191,8 @@ class SRObjective(nn.Module):
         return {"loss": total, **terms}
 
     # -- export -------------------------------------------------------------------------------------
-    def pipeline(self, controlnet: SpatialSemanticControlNet | None = None):
+    def pipeline(self, controlnet: SpatialSemanticControlNet | None = None) -> SpatialSemanticSRPipeline:
         """The inference pipeline over this objective's modules (``controlnet`` overrides, e.g. EMA weights)."""
-        from training.sr_pipeline import SpatialSemanticSRPipeline
-
         return SpatialSemanticSRPipeline(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
             controlnet=controlnet if controlnet is not None else self.controlnet, scheduler=self.scheduler,

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.storage import LocalStore, Store
+from spasem.pixels import signed_to_hwc
+from spasem.storage import LocalStore, Store
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
@@ -91,12 +92,6 @@ class RunLog:
             self._sync()
 
 
-def to_uint8(images: Any) -> np.ndarray:
-    """float ``[B,3,H,W]`` in [-1, 1] (tensor or array) -> uint8 ``[B,H,W,3]``."""
-    arr = np.asarray(images.detach().float().cpu() if hasattr(images, "detach") else images, dtype=np.float32)
-    return np.clip((arr + 1.0) * 127.5, 0, 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
-
-
 def sample_grid(lr: np.ndarray, output: np.ndarray, hr: np.ndarray) -> np.ndarray:
     """Rows of LR (nearest-upsampled to HR size) | output | HR, uint8 ``[B*H, 3*W, 3]``."""
     rows = []
@@ -119,8 +114,8 @@ def render_samples(pipeline: Any, batch: dict[str, Any], num: int, steps: int, s
     """Upscale the first ``num`` LR images of ``batch`` with ``pipeline``; returns the sample grid."""
     import torch
 
-    lr = to_uint8(batch["lr"][:num])
-    hr = to_uint8(batch["hr"][:num])
+    lr = signed_to_hwc(batch["lr"][:num])
+    hr = signed_to_hwc(batch["hr"][:num])
     outputs = []
     for i in range(len(lr)):
         phrases = batch["phrases"][i] if "phrases" in batch else None

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.config import Config, config_to_yaml
-from stages.columns import stable_seed
+from spasem.columns import stable_seed
+from spasem.config import Config, config_to_yaml
 from training.checkpoints import TrainState
 from training.deepspeed_config import build_deepspeed_config, build_lr_scheduler, build_optimizer, describe
 

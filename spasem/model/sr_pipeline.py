@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
-from stages.features import ImageEncoders, encode_phrases, encode_prompts
-from training.model import SpatialSemanticControlNet  # noqa: F401  (from_pretrained resolves the controlnet class from imported modules)
+from spasem.encoders import ImageEncoders, encode_phrases, encode_prompts, load_text_encoder
+from spasem.model.controlnet import SpatialSemanticControlNet, controlled_unet
+from spasem.model.latents import decode_latents
+from spasem.pixels import hwc_to_signed
 
 NEGATIVE_PROMPT = "blurry, dotted, noise, unclear, low-res, over-smoothed"
 
@@ -127,16 +130,11 @@ class SpatialSemanticSRPipeline(DiffusionPipeline):
             extra = [torch.cat([x] * 2) for x in extra]
         model_in = self.scheduler.scale_model_input(model_in, t)
         text_low, phrase_embeds, boxes, box_mask, clip_tokens, dino_tokens = extra
-        down, mid, _, _ = self.controlnet(
-            model_in, t, ctrl, text_high, text_low=text_low, boxes=boxes, phrase_embeds=phrase_embeds,
-            box_mask=box_mask, clip_tokens=clip_tokens, dino_tokens=dino_tokens,
-            conditioning_scale=conditioning_scale, return_dict=False,
+        pred, _ = controlled_unet(
+            self.unet, self.controlnet, model_in, t, ctrl, text_high, conditioning_scale, text_low=text_low,
+            boxes=boxes, phrase_embeds=phrase_embeds, box_mask=box_mask, clip_tokens=clip_tokens,
+            dino_tokens=dino_tokens,
         )
-        udt = self.unet.dtype
-        pred = self.unet(
-            model_in.to(udt), t, encoder_hidden_states=text_high.to(udt),
-            down_block_additional_residuals=[r.to(udt) for r in down], mid_block_additional_residual=mid.to(udt),
-        ).sample
         if do_cfg:
             uncond, cond_pred = pred.chunk(2)
             pred = uncond + guidance_scale * (cond_pred - uncond)
@@ -144,9 +142,7 @@ class SpatialSemanticSRPipeline(DiffusionPipeline):
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [-1, 1]."""
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        latents = latents / self.vae.config.scaling_factor + shift
-        return self.vae.decode(latents.to(self.vae.dtype)).sample
+        return decode_latents(self.vae, latents)
 
     # -- the whole image ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -164,7 +160,7 @@ class SpatialSemanticSRPipeline(DiffusionPipeline):
         unit = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         hr_h, hr_w = -(-out_h // unit) * unit, -(-out_w // unit) * unit
         device = self._execution_device
-        lr_t = torch.from_numpy(lr).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+        lr_t = hwc_to_signed(lr).to(device)
         ph, pw = -(-hr_h // upscale) - h, -(-hr_w // upscale) - w
         if ph or pw:
             lr_t = F.pad(lr_t, (0, pw, 0, ph), mode="replicate")
@@ -187,3 +183,45 @@ class SpatialSemanticSRPipeline(DiffusionPipeline):
         pixels = self.decode_latents(latents).float()[..., :out_h, :out_w]
         result = self.image_processor.postprocess(pixels, output_type=output_type)
         return result[0]
+
+
+def build_sr_pipeline(paths: dict[str, str], model_cfg, dtype: torch.dtype = torch.float32) -> SpatialSemanticSRPipeline:
+    """The frozen parts loaded by path (``sd``, ``clip_vision``, ``dinov2``) and a float32 ControlNet.
+
+    With ``paths["controlnet"]`` (an exported ``controlnet`` folder) the ControlNet is loaded from it;
+    otherwise it is a fresh ``SpatialSemanticControlNet.from_unet`` copy shaped by ``model_cfg``
+    (``spasem.config.model.ModelConfig``). Training and the untrained upscale build both start here.
+    """
+    sd = paths["sd"]
+    unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(sd, subfolder="vae", torch_dtype=dtype)
+    tokenizer, text_encoder = load_text_encoder(sd, dtype=dtype)
+    encoders = ImageEncoders.load(paths["clip_vision"], paths["dinov2"], dtype=dtype)
+    scheduler = DDPMScheduler.from_pretrained(sd, subfolder="scheduler")
+    if paths.get("controlnet"):
+        controlnet = SpatialSemanticControlNet.from_pretrained(paths["controlnet"], torch_dtype=torch.float32)
+    else:
+        # load_state_dict copies (and casts) the UNet's weights into the float32 branch
+        controlnet = SpatialSemanticControlNet.from_unet(
+            unet, text_dim=text_encoder.config.hidden_size,
+            clip_dim=encoders.clip.config.hidden_size, dino_dim=encoders.dino.config.hidden_size,
+            **model_cfg.controlnet_kwargs(),
+        )
+    return SpatialSemanticSRPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
+        scheduler=scheduler, clip_vision=encoders.clip, clip_processor=encoders.clip_processor,
+        dino=encoders.dino, dino_processor=encoders.dino_processor,
+    )
+
+
+def load_sr_pipeline(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> SpatialSemanticSRPipeline:
+    """A saved ``SpatialSemanticSRPipeline`` (``save_pretrained`` folder), on ``device`` in ``dtype``."""
+    if not Path(path, "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a saved SpatialSemanticSRPipeline (no model_index.json); pass --model with "
+            "a training export (RUN_URI/export) or leave it out to use the untrained tiny-profile build"
+        )
+    pipe = SpatialSemanticSRPipeline.from_pretrained(path, dtype=dtype)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -10,16 +10,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import re
 import tarfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from pipeline.storage import Store
+from spasem.columns import as_list
+from spasem.storage import Store
 
+log = logging.getLogger(__name__)
 DECODABLE = (".png", ".json", ".npy")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 MAX_MEMBER_BYTES = 256 * 1024 * 1024
@@ -170,3 +174,121 @@ def done_indices(store: Store) -> set[int]:
 
 def load_marker(store: Store, index: int) -> dict[str, Any]:
     return json.loads(store.read(marker_name(index)))
+
+
+# -- the member table (DESIGN.md "Shard format"): one codec for the writer, the trainer and the exporter --
+PAIRS_DIR = "pairs"    # the shard phase's output and the annotate phase's input
+FINAL_DIR = "shards"   # the final, annotated shards
+IMAGE_MEMBERS = ("hr.png", "lr.png")
+NPY_MEMBERS = ("clip_lr", "dino_lr", "clip_hr", "dino_hr", "text", "latent")
+MEMBERS = {
+    "hr.png": "HR crop, RGB uint8",
+    "lr.png": "degraded LR, RGB uint8",
+    "json": "record: key, source, crop, seed, degradation",
+    "caption.json": "captions: high, low, model",
+    "boxes.json": "grounding: phrases, boxes (normalized), scores, model",
+    "clip_lr.npy": "fp16 CLIP tokens of the LR [tokens, dim]",
+    "dino_lr.npy": "fp16 DINOv2 tokens of the LR [tokens, dim]",
+    "clip_hr.npy": "fp16 pooled CLIP feature of the HR [dim]",
+    "dino_hr.npy": "fp16 pooled DINOv2 feature of the HR [dim]",
+    "text.npy": "fp16 text-encoder states of the captions [2, 77, dim]",
+    "latent.npy": "fp16 VAE posterior of the HR [2C, h, w] (mean, logvar)",
+}
+
+
+def encode_pair(key: str, hr: np.ndarray, lr: np.ndarray, record: dict[str, Any]) -> dict[str, Any]:
+    """The shard phase's sample: the HR/LR pair and its record."""
+    return {"__key__": key, "hr.png": encode_png(hr), "lr.png": encode_png(lr), "json": encode_json(record)}
+
+
+def encode_annotations(row: dict[str, Any], stages: dict[str, str]) -> dict[str, bytes]:
+    """The annotation members of one annotated row, as encoded bytes (``stages``: name -> model id)."""
+    members: dict[str, bytes] = {}
+    if "caption_high" in row and "captions" in stages:
+        members["caption.json"] = encode_json(
+            {"high": str(row["caption_high"]), "low": str(row["caption_low"]), "model": stages["captions"]}
+        )
+    if "boxes" in row and "grounding" in stages:
+        boxes = np.asarray(row["boxes"], np.float64).reshape(-1, 4)
+        members["boxes.json"] = encode_json({
+            "phrases": [str(p) for p in as_list(row["phrases"])],
+            "boxes": [[round(float(v), 5) for v in box] for box in boxes],
+            "scores": [round(float(s), 5) for s in np.asarray(row["scores"], np.float64).reshape(-1)],
+            "model": stages["grounding"],
+        })
+    for name in NPY_MEMBERS:
+        value = row.get(name)
+        if value is not None and np.asarray(value).size:
+            members[f"{name}.npy"] = encode_npy(np.asarray(value, dtype=np.float16))
+    return members
+
+
+def decode_annotations(members: dict[str, bytes]) -> dict[str, Any]:
+    """Inverse of :func:`encode_annotations`: captions, boxes and arrays of the members present."""
+    out: dict[str, Any] = {}
+    if "caption.json" in members:
+        caption = decode_member("json", members["caption.json"])
+        out.update(caption_high=str(caption.get("high", "")), caption_low=str(caption.get("low", "")))
+    if "boxes.json" in members:
+        boxes = decode_member("json", members["boxes.json"])
+        phrases = [str(p) for p in boxes.get("phrases", [])]
+        coords = np.asarray(boxes.get("boxes", []), np.float32).reshape(-1, 4)
+        out.update(phrases=phrases, boxes=coords, scores=np.asarray(boxes.get("scores", []), np.float32))
+    for name in NPY_MEMBERS:
+        if f"{name}.npy" in members:
+            out[name] = decode_member("npy", members[f"{name}.npy"])
+    return out
+
+
+# -- finding finished shards, and the held-out split (training and pairs_export share it) --------------
+@dataclass(frozen=True)
+class ShardInfo:
+    rel: str                # path relative to the listing's folder ("" when the folder is one tar)
+    keys: tuple[str, ...]   # sample keys in tar order (sorted, as ShardWriter writes them)
+
+    @property
+    def count(self) -> int:
+        return len(self.keys)
+
+
+def shard_folder(store: Store) -> tuple[Store, list[str]]:
+    """Where a prepare output's shards are: ``shards/`` (final), else ``pairs/`` (shard phase only), else
+    the folder itself; ``store`` may also be one tar. Returns the folder and its top-level tars."""
+    if store.uri.endswith(".tar"):
+        return store, [""]
+    for sub in (FINAL_DIR, PAIRS_DIR):
+        nested = store.child(sub)
+        tars = [t for t in nested.list((".tar",)) if "/" not in t]
+        if tars:
+            return nested, tars
+    return store, [t for t in store.list((".tar",)) if "/" not in t]
+
+
+def list_shards(store: Store) -> tuple[Store, list[ShardInfo]]:
+    """The finished, non-empty shards under a prepare output, in order.
+
+    A tar whose done marker is missing while others have one is still being written and is left out;
+    a hand-made folder of tars without any markers lists its keys from the tars themselves.
+    """
+    folder, tars = shard_folder(store)
+    markers = {m for m in folder.list((".json",)) if "/" not in m} if tars != [""] else set()
+    infos = []
+    for rel in sorted(tars):
+        marker = rel[:-4] + ".json"
+        if markers and marker not in markers:
+            log.warning("skipping %s: no done marker, the shard may still be being written", folder.url(rel))
+            continue
+        if marker in markers:
+            keys = json.loads(folder.read(marker))["keys"]
+        else:
+            keys = [key for key, _ in read_tar(folder.read(rel))]
+        if keys:
+            infos.append(ShardInfo(rel, tuple(keys)))
+    return folder, infos
+
+
+def split_holdout(shards: list[ShardInfo], last: int) -> tuple[list[ShardInfo], list[ShardInfo]]:
+    """``(kept, held_out)``: the last ``last`` non-empty shards are held out (``last=0``: none)."""
+    if last < 0:
+        raise ValueError(f"cannot hold out {last} shards: the count must be 0 or more")
+    return (list(shards[:-last]), list(shards[-last:])) if last else (list(shards), [])

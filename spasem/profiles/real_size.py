@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+MODELS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 
 
 def available() -> list[str]:
@@ -72,7 +72,7 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("python -m pipeline.real_size", description="build real-size random-init models")
+    parser = argparse.ArgumentParser("python -m spasem.profiles.real_size", description="build real-size random-init models")
     parser.add_argument("names", nargs="*", help=f"architectures (default: all): {', '.join(available())}")
     parser.add_argument("--device", default="meta", help="meta (count parameters only), cpu or cuda")
     args = parser.parse_args(argv)

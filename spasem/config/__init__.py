@@ -17,11 +17,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.config_annotate import AnnotateConfig, ModelsConfig
-from pipeline.config_evaluate import EvaluateConfig
-from pipeline.config_model import LossConfig, ModelConfig
-from pipeline.config_train import DeepSpeedConfig, TrainConfig
-from pipeline.config_upscale import UpscaleConfig
+from spasem.config.annotate import AnnotateConfig, ModelsConfig
+from spasem.config.evaluate import EvaluateConfig
+from spasem.config.model import LossConfig, ModelConfig
+from spasem.config.train import DeepSpeedConfig, TrainConfig
+from spasem.config.upscale import UpscaleConfig
+from spasem.storage import Store, arrow_location, open_store
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -83,7 +84,15 @@ class RayConfig(Section):
 
 class StorageConfig(Section):
     endpoint_url: str | None = Field(None, description="S3 endpoint; default AWS_ENDPOINT_URL")
-    region: str | None = None
+    region: str | None = Field(None, description="S3 region; default AWS_REGION, else the bucket's own")
+
+    def open(self, uri: str) -> Store:
+        """A local path or ``s3://`` URI as a Store with this endpoint and region."""
+        return open_store(uri, self.endpoint_url, self.region)
+
+    def arrow(self, uri: str) -> tuple[Any, str]:
+        """``(pyarrow filesystem or None, path)`` of ``uri`` for Ray Data and Ray Train."""
+        return arrow_location(uri, self.endpoint_url, self.region)
 
 
 class Config(Section):
@@ -104,7 +113,7 @@ class Config(Section):
     output: str | None = Field(None, description="output URI")
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
 
 

@@ -1,7 +1,7 @@
 """The new conditioning layers of the Spatial-Semantic ControlNet and the per-stream CFG dropout.
 
 - Grounding tokens are diffusers' GLIGEN ``GLIGENTextBoundingboxProjection`` (Fourier features of
-  each box + its phrase embedding, learned null token for padded boxes), built in ``training.model``.
+  each box + its phrase embedding, learned null token for padded boxes), built in ``spasem.model.controlnet``.
 - ``SemanticRestorer``: a small transformer over the frozen encoder's LR tokens, identity at
   initialization, whose pooled output is pulled toward the HR features by the semantic degradation
   constraint and whose tokens, projected to the cross-attention width, form the visual stream.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from pipeline.config import RayConfig
+from spasem.config import RayConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.kernels import GAUSSIAN_KINDS, ISOTROPIC_KINDS, make_kernel
+from spasem.degrade.kernels import GAUSSIAN_KINDS, ISOTROPIC_KINDS, make_kernel
 
 RESIZE_MODES = ("up", "down", "keep")
 INTERPOLATIONS = ("area", "bilinear", "bicubic")
@@ -30,7 +30,7 @@ class OrderParams:
     """The ranges of one order (first or second) of the degradation."""
 
     kernel_size: int  # largest blur kernel; sizes are drawn from the odd numbers 7..kernel_size
-    kernel_prob: tuple[float, ...]  # over stages.kernels.GAUSSIAN_KINDS
+    kernel_prob: tuple[float, ...]  # over spasem.degrade.kernels.GAUSSIAN_KINDS
     sinc_prob: float
     blur_sigma: tuple[float, float]
     betag_range: tuple[float, float]

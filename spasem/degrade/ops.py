@@ -24,12 +24,12 @@ _DFT_TAPS = 130  # OpenCV's filter2D uses a DFT from this many taps on (float32 
 _BANDED_MAX = 19  # larger kernels: OpenCV's DFT beats the bands (measured on one thread)
 
 
-def to_float(img: np.ndarray) -> np.ndarray:
+def uint8_to_unit(img: np.ndarray) -> np.ndarray:
     """uint8 -> float32 in [0, 1]."""
     return np.multiply(img, np.float32(1.0 / 255.0), dtype=np.float32)
 
 
-def to_uint8(img: np.ndarray) -> np.ndarray:
+def unit_to_uint8(img: np.ndarray) -> np.ndarray:
     """float32 in [0, 1] -> uint8, clipped and rounded (BasicSR's final ``clamp((x * 255).round())``)."""
     # convertScaleAbs rounds and saturates at 255 in one pass; negatives must be zeroed first
     return cv2.convertScaleAbs(np.maximum(img, np.float32(0.0)), alpha=255.0)
@@ -214,7 +214,7 @@ def poisson_levels(levels: np.ndarray, vals: int, rng: np.random.Generator) -> n
 def add_poisson_noise(img: np.ndarray, scale: float, gray: bool, rng: np.random.Generator) -> np.ndarray:
     """BasicSR ``generate_poisson_noise``: shot noise at 2**ceil(log2(#grey levels)) photons; clip."""
     base = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY) if gray else img
-    levels = to_uint8(base)  # rounded to 8 bits to count the levels, as BasicSR does
+    levels = unit_to_uint8(base)  # rounded to 8 bits to count the levels, as BasicSR does
     hist = cv2.calcHist([levels.reshape(levels.shape[0], -1)], [0], None, [256], [0, 256])
     vals = 2 ** math.ceil(math.log2(max(int(np.count_nonzero(hist)), 1)))
     # noise = scale * (X / vals - level / 255), X ~ Poisson(level / 255 * vals)
@@ -229,7 +229,7 @@ def add_poisson_noise(img: np.ndarray, scale: float, gray: bool, rng: np.random.
 
 def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
     """JPEG round trip of a BGR image through libjpeg at ``quality`` (clipped to [0, 1] first, as BasicSR)."""
-    ok, data = cv2.imencode(".jpg", to_uint8(img), [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
+    ok, data = cv2.imencode(".jpg", unit_to_uint8(img), [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
     if not ok:
         raise RuntimeError(f"JPEG encoding failed at quality {quality} for an image of shape {img.shape}")
-    return to_float(cv2.imdecode(data, cv2.IMREAD_COLOR))
+    return uint8_to_unit(cv2.imdecode(data, cv2.IMREAD_COLOR))

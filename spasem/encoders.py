@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from spasem.pixels import hwc_to_signed
+
 TEXT_LENGTH = 77
 
 
@@ -118,15 +120,6 @@ class ImageEncoders:
         return out
 
 
-@torch.no_grad()
-def vae_posterior(vae, images: torch.Tensor) -> torch.Tensor:
-    """The VAE's diagonal Gaussian posterior of ``images`` (``[B,3,H,W]`` in [-1, 1]): ``[B, 2C, H/8, W/8]``."""
-    images = images.to(vae.device, vae.dtype)
-    dist = vae.encode(images).latent_dist
-    return torch.cat([dist.mean, dist.logvar], dim=1)
-
-
 def images_to_tensor(images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
     """uint8 ``[B,H,W,3]`` -> float ``[B,3,H,W]`` in [-1, 1]."""
-    arr = np.stack(_image_list(images))
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return hwc_to_signed(np.stack(_image_list(images)))

@@ -8,13 +8,14 @@ tile rows into the uint8 output, so peak memory is one tile's activations plus o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.tiling import ramp, tile_starts
+from spasem.model.tiling import Tile, TileBlender, TileGrid
+from spasem.pixels import signed_to_hwc, to_signed
 
 # (tile pixels [1, 3, h, w] in [-1, 1], top, left) -> corrected tile
 TileFix = Callable[[torch.Tensor, int, int], torch.Tensor]
@@ -29,7 +30,7 @@ class BicubicSource:
 
     def __init__(self, lr: np.ndarray, scale: int, device: torch.device | str = "cpu"):
         lr_t = torch.from_numpy(np.array(lr, dtype=np.uint8)).to(device)  # a writable copy
-        self.lr = lr_t.permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        self.lr = to_signed(lr_t.permute(2, 0, 1)[None])
         self.scale = scale
         self.h, self.w = lr.shape[:2]
         self.height, self.width = self.h * scale, self.w * scale
@@ -61,30 +62,7 @@ class BicubicSource:
 
 def bicubic_upsample(lr: np.ndarray, scale: int) -> np.ndarray:
     """The reference bicubic upsample as RGB uint8 (what ``realism`` 0 stays close to)."""
-    up = BicubicSource(lr, scale).full()[0].permute(1, 2, 0)
-    return ((up + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-
-
-def _mask(th: int, tw: int, overlap: int, y_edges: tuple[bool, bool], x_edges: tuple[bool, bool]) -> torch.Tensor:
-    wy = ramp(th, overlap, at_start=y_edges[0], at_end=y_edges[1])
-    wx = ramp(tw, overlap, at_start=x_edges[0], at_end=x_edges[1])
-    return wy[:, None] * wx[None, :]
-
-
-def starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Tile offsets along one side; a side no longer than a tile is one tile, whatever the overlap."""
-    return [0] if size <= tile else tile_starts(size, tile, overlap)
-
-
-def latent_tiles(lat_h: int, lat_w: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
-    """(y, x, th, tw) of the overlapping latent tiles covering ``lat_h`` x ``lat_w``, row by row."""
-    th, tw = min(tile, lat_h), min(tile, lat_w)
-    return [(y, x, th, tw) for y in starts(lat_h, tile, overlap) for x in starts(lat_w, tile, overlap)]
-
-
-def tile_mask(y: int, x: int, th: int, tw: int, lat_h: int, lat_w: int, overlap: int, factor: int = 1) -> torch.Tensor:
-    """Blend weights [th*factor, tw*factor] of one tile: full weight on image borders, ramps inside."""
-    return _mask(th * factor, tw * factor, overlap * factor, (y == 0, y + th >= lat_h), (x == 0, x + tw >= lat_w))
+    return signed_to_hwc(BicubicSource(lr, scale).full())[0]
 
 
 @torch.no_grad()
@@ -93,16 +71,8 @@ def encode_tiled(
     tile: int, overlap: int, factor: int = 8,
 ) -> torch.Tensor:
     """Latents [1, C, lat_h, lat_w] of the padded upsample, one tile at a time; ``encode`` maps pixels to latents."""
-    out = weight = None
-    for y, x, th, tw in latent_tiles(lat_h, lat_w, tile, overlap):
-        z = encode(source.region(y * factor, (y + th) * factor, x * factor, (x + tw) * factor)).float()
-        if out is None:
-            out = torch.zeros(1, z.shape[1], lat_h, lat_w, device=z.device)
-            weight = torch.zeros(1, 1, lat_h, lat_w, device=z.device)
-        m = tile_mask(y, x, th, tw, lat_h, lat_w, overlap).to(z.device)
-        out[:, :, y : y + th, x : x + tw] += z * m
-        weight[:, :, y : y + th, x : x + tw] += m
-    return out / weight.clamp_min(1e-8)
+    grid = TileGrid(lat_h, lat_w, tile, overlap)
+    return TileBlender(grid).blend((t, encode(source.region(*t.bounds(factor)))) for t in grid.tiles)
 
 
 @torch.no_grad()
@@ -115,30 +85,18 @@ def decode_tiled(
     ``decode`` maps a latent tile to pixels in [-1, 1]; ``fix`` (colour correction) runs per tile
     before blending. Only one band (a tile row's height, the full width) is ever held in float.
     """
-    _, _, lat_h, lat_w = latents.shape
-    th, tw = min(tile, lat_h), min(tile, lat_w)
-    ys, xs = starts(lat_h, tile, overlap), starts(lat_w, tile, overlap)
-    out = np.empty((out_h, out_w, 3), np.uint8)
-    band_h, width = th * factor, lat_w * factor
-    band = torch.zeros(3, band_h, width)
-    weight = torch.zeros(1, band_h, width)
-    for i, y in enumerate(ys):
-        for x in xs:
-            pixels = decode(latents[:, :, y : y + th, x : x + tw]).float()
+    grid = TileGrid(latents.shape[2], latents.shape[3], tile, overlap)
+
+    def tiles() -> Iterator[tuple[Tile, torch.Tensor]]:
+        for t in grid.tiles:
+            pixels = decode(t.crop(latents)).float()
             if fix is not None:
-                pixels = fix(pixels, y * factor, x * factor)
-            pixels = pixels.cpu()
-            m = tile_mask(y, x, th, tw, lat_h, lat_w, overlap, factor)
-            band[:, :, x * factor : (x + tw) * factor] += pixels[0] * m
-            weight[:, :, x * factor : (x + tw) * factor] += m
-        top = y * factor
-        done = (ys[i + 1] - y) * factor if i + 1 < len(ys) else band_h
-        rows = (band[:, :done] / weight[:, :done].clamp_min(1e-8)).permute(1, 2, 0)
-        keep = min(done, out_h - top)
+                pixels = fix(pixels, t.y * factor, t.x * factor)
+            yield t, pixels.cpu()
+
+    out = np.empty((out_h, out_w, 3), np.uint8)
+    for top, rows in TileBlender(grid, factor).stream(tiles()):
+        keep = min(rows.shape[2], out_h - top)  # the latent grid may reach past the output (padding)
         if keep > 0:
-            pixels8 = ((rows[:keep, :out_w] + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-            out[top : top + keep] = pixels8.numpy()
-        # the rows below this tile row's finished part carry over into the next band
-        band = torch.cat([band[:, done:], torch.zeros(3, done, width)], dim=1)
-        weight = torch.cat([weight[:, done:], torch.zeros(1, done, width)], dim=1)
+            out[top : top + keep] = signed_to_hwc(rows[:, :, :keep, :out_w])[0]
     return out

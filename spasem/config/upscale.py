@@ -1,4 +1,4 @@
-"""Config section of ``pipeline.upscale`` (issue 7); `pipeline.config` composes it into the one tree.
+"""Config section of ``pipeline.upscale`` (issue 7); `spasem.config` composes it into the one tree.
 
 Units: ``tile_size``, ``tile_overlap`` and ``vae_tile_size`` are in *latent* pixels; one latent pixel
 is ``vae_scale_factor`` (8) output pixels, so the default 64 / 16 means 512-pixel tiles overlapping

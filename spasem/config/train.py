@@ -1,6 +1,6 @@
 """Config sections for training: ``train`` (the loop, data, logging, fault tolerance) and ``deepspeed``.
 
-`pipeline.config` composes them into the one tree. The DeepSpeed JSON is never written by hand: it
+`spasem.config` composes them into the one tree. The DeepSpeed JSON is never written by hand: it
 is built from ``deepspeed`` and ``train`` by `training.deepspeed_config.build_deepspeed_config`.
 """
 

@@ -64,7 +64,7 @@ def build_sd(target: Path) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from pipeline.real_size import build_from_config
+    from spasem.profiles.real_size import build_from_config
 
     vocab_size = build_tokenizer(target / "tokenizer")
     torch.manual_seed(SEED)

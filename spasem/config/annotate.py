@@ -1,6 +1,6 @@
 """Config sections for the models (profiles) and the annotation stages of prepare.
 
-`pipeline.config` composes them into the one tree as ``models`` and ``annotate``.
+`spasem.config` composes them into the one tree as ``models`` and ``annotate``.
 """
 
 from __future__ import annotations

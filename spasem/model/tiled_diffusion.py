@@ -1,7 +1,7 @@
 """Tiled latent diffusion: any image size at the memory of one tile.
 
 Per denoising step the model predicts noise on overlapping latent tiles (batched, ``tile_batch`` at a
-time); the predictions are blended with the raised-cosine weights of ``stages.tiling`` into one
+time); the predictions are blended by ``spasem.model.tiling.TileBlender`` (the VAE's blender) into one
 full-latent prediction, and the scheduler steps the whole latent (MultiDiffusion's scheme, so every
 diffusers scheduler works unchanged). Each tile is conditioned on its own region: the LR crop under it
 (ControlNet input and CLIP/DINOv2 tokens) and the boxes that fall inside it, re-normalized to the tile;
@@ -17,15 +17,19 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.config_upscale import UpscaleConfig
-from stages.color_fix import WAVELET_LEVELS, ChannelStats, adain_fix_uint8, frequency_merge
-from stages.tiled_vae import BicubicSource, decode_tiled, encode_tiled, latent_tiles, tile_mask
+from spasem.config.upscale import UpscaleConfig
+from spasem.model.color_fix import WAVELET_LEVELS, ChannelStats, adain_fix_uint8, frequency_merge
+from spasem.model.latents import decode_latents, scale_latents
+from spasem.model.tiled_vae import BicubicSource, decode_tiled, encode_tiled
+from spasem.model.tiling import Tile, TileBlender, TileGrid
+from spasem.pixels import HALF_RANGE
 
 UNET_MULTIPLE = 8  # latent sides are padded to this (the UNet downsamples 3 times)
 MIN_STRENGTH = 0.2  # the noise level realism 0 starts from (fraction of the schedule)
@@ -101,24 +105,25 @@ def regional_boxes(phrases: list[str], boxes: np.ndarray, window: tuple[float, f
 
 
 class TiledUpscaler:
-    """Upscale one RGB uint8 image with a loaded pipeline, tile by tile."""
+    """Upscale one RGB uint8 image with a loaded pipeline, tile by tile.
+
+    ``cfg`` sets the scale, schedule, guidance, tiles and realism. The pipeline's own tiled path is
+    ``TiledUpscaler(pipe, cfg, device, dtype)(lr, prompt, prompt_low, phrases, boxes, generator=g)``
+    with ``cfg.realism`` 1 and ``cfg.color_fix`` ``none`` (plain sampling: all steps, all bands from the model).
+    """
 
     def __init__(self, pipe: Any, cfg: UpscaleConfig, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):
         self.pipe, self.cfg = pipe, cfg
         self.device, self.dtype = torch.device(device), dtype
         self.factor = int(pipe.vae_scale_factor)
-        vae_cfg = pipe.vae.config
-        self.scaling = float(vae_cfg.scaling_factor)
-        self.shift = float(getattr(vae_cfg, "shift_factor", None) or 0.0)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         mean = self.pipe.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.mean
-        return (mean.float() - self.shift) * self.scaling
+        return scale_latents(self.pipe.vae.config, mean.float())
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        z = latents.to(self.device, self.dtype) / self.scaling + self.shift
-        return self.pipe.vae.decode(z).sample
+        return decode_latents(self.pipe.vae, latents.to(self.device))
 
     def _image_tokens(self, lr: np.ndarray, given: tuple[np.ndarray, np.ndarray] | None) -> dict[str, torch.Tensor]:
         """Whole-image CLIP/DINOv2 tokens: the embeddings stage's columns, else encoded here once."""
@@ -128,20 +133,18 @@ class TiledUpscaler:
         cond = self.pipe.encode_conditioning(lr[None], [""], [""], [[]], [None], self.cfg.negative_prompt, False)
         return {"clip_tokens": cond.clip_tokens, "dino_tokens": cond.dino_tokens}
 
-    def _conditioning(self, lr: np.ndarray, tiles: list, captions: tuple[str, str], phrases: list[str],
+    def _conditioning(self, lr: np.ndarray, tiles: list[Tile], captions: tuple[str, str], phrases: list[str],
                       boxes: np.ndarray, do_cfg: bool, image_tokens: dict[str, torch.Tensor] | None = None) -> list[Any]:
         """One Conditioning per batch of tiles, each tile with its LR crop and its boxes.
 
         With ``image_tokens`` every tile gets the whole image's visual tokens instead of its crop's.
         """
         lr_h, lr_w = lr.shape[:2]
-        scale = self.cfg.scale
         out = []
-        for start in range(0, len(tiles), self.cfg.tile_batch):
-            chunk = tiles[start : start + self.cfg.tile_batch]
+        for chunk in self._batches(tiles):
             crops, tile_phrases, tile_boxes = [], [], []
-            for y, x, th, tw in chunk:
-                top, left, ch, cw = lr_window(y, x, th, tw, self.factor, scale, lr_h, lr_w)
+            for tile in chunk:
+                top, left, ch, cw = lr_window(*tile, self.factor, self.cfg.scale, lr_h, lr_w)
                 crops.append(lr[top : top + ch, left : left + cw])
                 window = (left / lr_w, top / lr_h, (left + cw) / lr_w, (top + ch) / lr_h)
                 p, b = regional_boxes(phrases, boxes, window)
@@ -159,54 +162,49 @@ class TiledUpscaler:
             out.append(cond)
         return out
 
-    @torch.no_grad()
-    def __call__(self, lr: np.ndarray, caption_high: str = "", caption_low: str = "",
-                 phrases: list[str] | None = None, boxes: np.ndarray | None = None, seed: int = 0,
-                 image_tokens: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-        """The ``scale``x upscale of ``lr`` (RGB uint8 [h, w, 3]) as RGB uint8 [h*scale, w*scale, 3].
+    def _batches(self, tiles: list[Tile]) -> list[list[Tile]]:
+        step = self.cfg.tile_batch
+        return [tiles[i : i + step] for i in range(0, len(tiles), step)]
 
-        ``image_tokens`` (CLIP, DINOv2 LR tokens of the embeddings stage) are used when
-        ``upscale.visual_tokens`` is ``image``.
-        """
-        cfg, f = self.cfg, self.factor
-        src = BicubicSource(lr, cfg.scale, self.device)
-        lat_h, lat_w = padded_latent_size(src.height, src.width, f)
-        plan = realism_plan(cfg.realism, cfg.steps, cfg.guidance_scale, cfg.conditioning_scale)
+    def _predictions(self, latents: torch.Tensor, t: torch.Tensor, src: BicubicSource, tiles: list[Tile],
+                     conds: list[Any], plan: RealismPlan) -> Iterator[tuple[Tile, torch.Tensor]]:
+        """(tile, the model's prediction on it) at step ``t``, in grid order, ``tile_batch`` tiles per call."""
+        for chunk, cond in zip(self._batches(tiles), conds, strict=True):
+            lat = torch.cat([tile.crop(latents) for tile in chunk])
+            ctrl = torch.cat([src.region(*tile.bounds(self.factor)) for tile in chunk])
+            eps = self.pipe.predict_noise(lat.to(self.dtype), t, ctrl.to(self.dtype), cond,
+                                          plan.guidance_scale, plan.conditioning_scale).float()
+            yield from ((tile, eps[k : k + 1]) for k, tile in enumerate(chunk))
+
+    def _sample(self, src: BicubicSource, grid: TileGrid, conds: list[Any], plan: RealismPlan,
+                generator: torch.Generator) -> torch.Tensor:
+        """Latents of the upscale: the input's latents noised to ``plan.strength``, then denoised tile-blended."""
+        cfg = self.cfg
         scheduler = make_scheduler(cfg.scheduler, self.pipe.scheduler)
         scheduler.set_timesteps(cfg.steps, device=self.device)
         t_start = cfg.steps - plan.steps
         timesteps = scheduler.timesteps[t_start * scheduler.order :]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start * scheduler.order)
-        vae_tile = cfg.effective_vae_tile
-        z0 = encode_tiled(self._encode, src, lat_h, lat_w, vae_tile, cfg.tile_overlap, f).to(self.device)
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(z0.shape, generator=generator).to(self.device)
+        z0 = encode_tiled(self._encode, src, grid.height, grid.width, cfg.effective_vae_tile, cfg.tile_overlap,
+                          self.factor).to(self.device)
+        noise = torch.randn(z0.shape, generator=generator, device=generator.device).to(self.device)
         latents = scheduler.add_noise(z0, noise, timesteps[:1])
-        tiles = latent_tiles(lat_h, lat_w, cfg.tile_size, cfg.tile_overlap)
-        do_cfg = plan.guidance_scale > 1.0
-        prompt = caption_high or cfg.prompt
-        tokens = self._image_tokens(lr, image_tokens) if cfg.visual_tokens == "image" else None
-        conds = self._conditioning(lr, tiles, (prompt, caption_low or ""), list(phrases or []),
-                                   np.zeros((0, 4), np.float32) if boxes is None else boxes, do_cfg, tokens)
-        masks = [tile_mask(y, x, th, tw, lat_h, lat_w, cfg.tile_overlap).to(self.device) for y, x, th, tw in tiles]
-        weight = torch.zeros(1, 1, lat_h, lat_w, device=self.device)  # the same blend weights at every step
-        for (y, x, th, tw), m in zip(tiles, masks, strict=True):
-            weight[:, :, y : y + th, x : x + tw] += m
+        blender, tiles = TileBlender(grid), grid.tiles
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         # predict_noise scales its input with the pipeline's scheduler (Euler's sigma scaling): make it ours
-        self.pipe.scheduler = scheduler
-        for t in timesteps:
-            pred = torch.zeros_like(latents)
-            for c, cond in enumerate(conds):
-                chunk = tiles[c * cfg.tile_batch : (c + 1) * cfg.tile_batch]
-                lat = torch.cat([latents[:, :, y : y + th, x : x + tw] for y, x, th, tw in chunk])
-                ctrl = torch.cat([src.region(y * f, (y + th) * f, x * f, (x + tw) * f) for y, x, th, tw in chunk])
-                eps = self.pipe.predict_noise(lat.to(self.dtype), t, ctrl.to(self.dtype), cond,
-                                              plan.guidance_scale, plan.conditioning_scale).float()
-                for k, (y, x, th, tw) in enumerate(chunk):
-                    pred[:, :, y : y + th, x : x + tw] += eps[k : k + 1] * masks[c * cfg.tile_batch + k]
-            latents = scheduler.step(pred / weight, t, latents, **step_kwargs).prev_sample
+        own, self.pipe.scheduler = self.pipe.scheduler, scheduler
+        try:
+            for t in timesteps:
+                pred = blender.blend(self._predictions(latents, t, src, tiles, conds, plan))
+                latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
+        finally:
+            self.pipe.scheduler = own
+        return latents
+
+    def _to_image(self, src: BicubicSource, latents: torch.Tensor, plan: RealismPlan) -> np.ndarray:
+        """Decode tile by tile, taking the coarse wavelet bands from the input (realism, colour fix)."""
+        cfg = self.cfg
         # realism's last term and the wavelet colour fix are one operation: which bands come from the model
         levels = plan.model_levels
         if cfg.color_fix == "wavelet":
@@ -216,16 +214,38 @@ class TiledUpscaler:
             def fix(pixels: torch.Tensor, top: int, left: int) -> torch.Tensor:
                 h, w = pixels.shape[-2:]
                 return frequency_merge(pixels, src.region(top, top + h, left, left + w), levels)
-        out = decode_tiled(self._decode, latents, vae_tile, cfg.tile_overlap, src.height, src.width, f, fix)
+        out = decode_tiled(self._decode, latents, cfg.effective_vae_tile, cfg.tile_overlap, src.height, src.width,
+                           self.factor, fix)
         if cfg.color_fix == "adain":
             adain_fix_uint8(out, reference_stats(src))
         return out
 
+    @torch.no_grad()
+    def __call__(self, lr: np.ndarray, caption_high: str = "", caption_low: str = "",
+                 phrases: list[str] | None = None, boxes: np.ndarray | None = None, seed: int = 0,
+                 image_tokens: tuple[np.ndarray, np.ndarray] | None = None,
+                 generator: torch.Generator | None = None) -> np.ndarray:
+        """The ``scale``x upscale of ``lr`` (RGB uint8 [h, w, 3]) as RGB uint8 [h*scale, w*scale, 3].
+
+        Noise comes from ``generator``, else from a CPU generator seeded with ``seed``. ``image_tokens``
+        (CLIP, DINOv2 LR tokens of the embeddings stage) are used when ``upscale.visual_tokens`` is ``image``.
+        """
+        cfg = self.cfg
+        src = BicubicSource(lr, cfg.scale, self.device)
+        grid = TileGrid(*padded_latent_size(src.height, src.width, self.factor), cfg.tile_size, cfg.tile_overlap)
+        plan = realism_plan(cfg.realism, cfg.steps, cfg.guidance_scale, cfg.conditioning_scale)
+        tokens = self._image_tokens(lr, image_tokens) if cfg.visual_tokens == "image" else None
+        conds = self._conditioning(lr, grid.tiles, (caption_high or cfg.prompt, caption_low or ""), list(phrases or []),
+                                   np.zeros((0, 4), np.float32) if boxes is None else boxes,
+                                   plan.guidance_scale > 1.0, tokens)
+        latents = self._sample(src, grid, conds, plan, generator or torch.Generator().manual_seed(seed))
+        return self._to_image(src, latents, plan)
+
 
 def reference_stats(src: BicubicSource, rows: int = 256) -> ChannelStats:
-    """Per-channel statistics of the bicubic upsample, computed in bands (AdaIN's reference)."""
+    """Per-channel statistics of the bicubic upsample (0..255, unrounded), computed in bands (AdaIN's reference)."""
     stats = ChannelStats(3)
     for y in range(0, src.height, rows):
         band = src.region(y, min(y + rows, src.height), 0, src.width)[0].permute(1, 2, 0)
-        stats.update(((band + 1.0) * 127.5).cpu().numpy())
+        stats.update(((band + 1.0) * HALF_RANGE).cpu().numpy())
     return stats

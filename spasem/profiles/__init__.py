@@ -17,7 +17,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from pipeline.config_annotate import ModelsConfig
+from spasem.config.annotate import ModelsConfig
 
 log = logging.getLogger(__name__)
 MODEL_NAMES = ("llava", "grounding_dino", "clip_vision", "dinov2", "sd")
@@ -27,11 +27,11 @@ TINY_VERSION = "1"  # bump when a tiny builder changes, so caches are rebuilt
 def _builder(name: str) -> Callable[[Path], None]:
     """The tiny builder of ``name``, imported only when that model must be built."""
     module, func = {
-        "llava": ("pipeline.tiny_vlm", "build_llava"),
-        "grounding_dino": ("pipeline.tiny_vlm", "build_grounding_dino"),
-        "clip_vision": ("pipeline.tiny_sd", "build_clip_vision"),
-        "dinov2": ("pipeline.tiny_sd", "build_dinov2"),
-        "sd": ("pipeline.tiny_sd", "build_sd"),
+        "llava": ("spasem.profiles.tiny_vlm", "build_llava"),
+        "grounding_dino": ("spasem.profiles.tiny_vlm", "build_grounding_dino"),
+        "clip_vision": ("spasem.profiles.tiny_sd", "build_clip_vision"),
+        "dinov2": ("spasem.profiles.tiny_sd", "build_dinov2"),
+        "sd": ("spasem.profiles.tiny_sd", "build_sd"),
     }[name]
     return getattr(importlib.import_module(module), func)
 

@@ -3,7 +3,7 @@ semantic-enhanced visual guidance (SpaSemSR), loadable with ``from_pretrained`` 
 
 Structure: ``branch`` is a plain ``ControlNetModel`` (copied from the base UNet as
 ``ControlNetModel.from_unet`` does) whose transformer blocks carry the processors of
-``training.attention``; ``position_net`` (GLIGEN) turns boxes + phrase embeddings into grounding
+``spasem.model.attention``; ``position_net`` (GLIGEN) turns boxes + phrase embeddings into grounding
 tokens; ``clip_restorer`` / ``dino_restorer`` turn LR CLIP / DINOv2 tokens into restored pooled
 features (for the semantic constraint) and visual tokens. All new outputs start at zero.
 """
@@ -20,29 +20,13 @@ from diffusers.models.embeddings import GLIGENTextBoundingboxProjection
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
-from training.attention import Streams, install_processors
-from training.conditioning import SemanticRestorer
-
-# the UNet config keys ControlNetModel.from_unet copies (diffusers 0.3x-0.4x)
-_UNET_KEYS = (
-    "in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "only_cross_attention",
-    "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor", "act_fn",
-    "norm_num_groups", "norm_eps", "cross_attention_dim", "attention_head_dim", "num_attention_heads",
-    "use_linear_projection", "class_embed_type", "num_class_embeds", "upcast_attention",
-    "resnet_time_scale_shift", "projection_class_embeddings_input_dim", "mid_block_type",
-)
-_OPTIONAL_UNET_KEYS = ("transformer_layers_per_block", "encoder_hid_dim", "encoder_hid_dim_type",
-                       "addition_embed_type", "addition_time_embed_dim")
+from spasem.model.attention import Streams, install_processors
+from spasem.model.restorer import SemanticRestorer
 
 
-def controlnet_config_from_unet(unet: UNet2DConditionModel, conditioning_channels: tuple[int, ...]) -> dict[str, Any]:
-    """The ``ControlNetModel`` config ``ControlNetModel.from_unet(unet, ...)`` would build."""
-    cfg = {key: unet.config[key] for key in _UNET_KEYS}
-    cfg.update({key: unet.config[key] for key in _OPTIONAL_UNET_KEYS if key in unet.config})
-    cfg.setdefault("transformer_layers_per_block", 1)
-    cfg.update(controlnet_conditioning_channel_order="rgb", conditioning_channels=3,
-               conditioning_embedding_out_channels=tuple(conditioning_channels))
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+def branch_config(branch: ControlNetModel) -> dict[str, Any]:
+    """A ``ControlNetModel``'s init arguments as JSON-ready values (what ``controlnet=`` takes)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in branch.config.items() if not k.startswith("_")}
 
 
 @dataclass
@@ -92,18 +76,14 @@ class SpatialSemanticControlNet(ModelMixin, ConfigMixin):
                   load_weights_from_unet: bool = True, **config: Any) -> SpatialSemanticControlNet:
         """Build from the base UNet's config and copy its encoder weights, as ``ControlNetModel.from_unet``."""
         config.setdefault("text_dim", unet.config.cross_attention_dim)
-        model = cls(controlnet=controlnet_config_from_unet(unet, conditioning_channels), **config)
-        if load_weights_from_unet:
-            branch = model.branch
-            for name in ("conv_in", "time_proj", "time_embedding", "class_embedding", "add_embedding"):
-                source = getattr(unet, name, None)
-                if source is not None and getattr(branch, name, None) is not None:
-                    getattr(branch, name).load_state_dict(source.state_dict())
-            for name in ("down_blocks", "mid_block"):
-                result = getattr(branch, name).load_state_dict(getattr(unet, name).state_dict(), strict=False)
-                stray = [k for k in result.missing_keys if ".processor." not in k] + list(result.unexpected_keys)
-                if stray:
-                    raise RuntimeError(f"UNet {name} does not match the ControlNet branch: {stray[:5]}")
+        # diffusers owns the UNet -> ControlNet mapping (config keys and copied weights): reuse it as is
+        branch = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(conditioning_channels),
+                                           load_weights_from_unet=load_weights_from_unet)
+        model = cls(controlnet=branch_config(branch), **config)
+        result = model.branch.load_state_dict(branch.state_dict(), strict=False)
+        stray = [k for k in result.missing_keys if ".processor." not in k] + list(result.unexpected_keys)
+        if stray:
+            raise RuntimeError(f"the ControlNet branch does not match ControlNetModel.from_unet: {stray[:5]}")
         return model
 
     def forward(
@@ -152,3 +132,23 @@ class SpatialSemanticControlNet(ModelMixin, ConfigMixin):
         if not return_dict:
             return down, mid, clip_pooled, dino_pooled
         return SpatialSemanticControlNetOutput(tuple(down), mid, clip_pooled, dino_pooled)
+
+
+def controlled_unet(unet: UNet2DConditionModel, controlnet: SpatialSemanticControlNet, sample: torch.Tensor,
+                    timestep: torch.Tensor | float | int, control_image: torch.Tensor, text_high: torch.Tensor,
+                    conditioning_scale: float = 1.0, **streams: Any,
+                    ) -> tuple[torch.Tensor, SpatialSemanticControlNetOutput]:
+    """The frozen UNet's prediction with the ControlNet's residuals added, and the ControlNet's output.
+
+    ``streams`` are the ControlNet's conditioning keywords (``text_low``, ``boxes``, ``phrase_embeds``,
+    ``box_mask``, ``clip_tokens``, ``dino_tokens``). Training and sampling both call this, so the two
+    can never wire the residuals differently.
+    """
+    ctrl = controlnet(sample, timestep, control_image, text_high, conditioning_scale=conditioning_scale, **streams)
+    udt = unet.dtype
+    pred = unet(
+        sample.to(udt), timestep, encoder_hidden_states=text_high.to(udt),
+        down_block_additional_residuals=[r.to(udt) for r in ctrl.down_block_res_samples],
+        mid_block_additional_residual=ctrl.mid_block_res_sample.to(udt),
+    ).sample
+    return pred, ctrl

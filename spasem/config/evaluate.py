@@ -1,4 +1,4 @@
-"""Config section of ``pipeline.evaluate`` (issue 7); `pipeline.config` composes it into the one tree."""
+"""Config section of ``pipeline.evaluate`` (issue 7); `spasem.config` composes it into the one tree."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Config sections of the Spatial-Semantic ControlNet (``model``) and its training losses (``loss``).
 
-`pipeline.config` composes them into the one tree. The model section holds everything that shapes
+`spasem.config` composes them into the one tree. The model section holds everything that shapes
 the network (so it is also written into the exported controlnet's ``config.json``); the loss section
 holds only the weights of the terms, so changing them never changes a checkpoint's layout.
 See docs/model.md.

@@ -183,3 +183,59 @@ def open_store(uri: str, endpoint_url: str | None = None, region: str | None = N
     if "://" in uri:
         raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/prefix")
     return LocalStore(uri)
+
+
+def s3_region(bucket: str, region: str | None = None, endpoint_url: str | None = None) -> str | None:
+    """The bucket's region: the configured one, else the environment's, else asked of AWS (never guessed)."""
+    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region or endpoint_url or os.environ.get("AWS_ENDPOINT_URL"):
+        return region  # an S3-compatible endpoint (MinIO, moto) has no AWS region to look up
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError as exc:
+        raise StorageError(f"cannot find the region of bucket {bucket!r} ({exc}); set storage.region or AWS_REGION") from None
+
+
+def arrow_location(uri: str, endpoint_url: str | None = None, region: str | None = None) -> tuple[Any, str]:
+    """``(pyarrow filesystem or None, path)`` for Ray Data and Ray Train: S3 paths lose the scheme and get
+    an explicit endpoint and region; local paths pass through."""
+    if not uri.startswith("s3://"):
+        return None, uri
+    import pyarrow.fs as pafs
+
+    path = uri[len("s3://"):].rstrip("/")
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=10)}
+    found = s3_region(path.split("/", 1)[0], region, endpoint)
+    if found:
+        kwargs["region"] = found
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    return pafs.S3FileSystem(**kwargs), path
+
+
+def download_tree(store: Store, local: str | os.PathLike, keep: Any = None) -> list[str]:
+    """Copy every file under ``store`` (for which ``keep(rel)`` is true) into folder ``local``."""
+    written = []
+    for rel in store.list():
+        if keep is not None and not keep(rel):
+            continue
+        target = Path(local, rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(store.read(rel))
+        written.append(rel)
+    return written
+
+
+def upload_tree(local: str | os.PathLike, store: Store, last: str | None = None) -> list[str]:
+    """Copy every file under folder ``local`` into ``store`` (each write atomic); ``last`` (a relative
+    path, e.g. a completion marker) is written after all the others. Returns the relative paths."""
+    root = Path(local)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    ordered = [f for f in files if f != last] + ([last] if last in files else [])
+    for rel in ordered:
+        store.write(rel, (root / rel).read_bytes())
+    return ordered

@@ -1,0 +1,1 @@
+"""spasem: the Spatial-Semantic ControlNet SR library (config, storage, shard format, model); no Ray."""

@@ -1,0 +1,1 @@
+"""Real-ESRGAN-style degradations: kernels, pure image operations, parameter sampling."""

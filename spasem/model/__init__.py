@@ -1,0 +1,1 @@
+"""The Spatial-Semantic ControlNet, its SR pipeline, latents and tiled sampling."""

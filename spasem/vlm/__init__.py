@@ -1,0 +1,1 @@
+"""Vision-language captioning backends (LLaVA) behind one interface."""
