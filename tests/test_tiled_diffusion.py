@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 
-from spasem.config.upscale import UpscaleConfig
+from spasem.config.upscale import XPSR_SAMPLING, UpscaleConfig
 from spasem.model.color_fix import (
     ChannelStats,
     adain_fix,
@@ -64,8 +64,10 @@ class FakePipe:
         self.rng = torch.Generator().manual_seed(0)
         self.calls: list[dict] = []
 
-    def encode_conditioning(self, lr, prompts_high, prompts_low, phrases, boxes, negative_prompt, do_cfg):
-        self.calls.append({"lr": lr, "high": prompts_high, "phrases": phrases, "boxes": boxes, "do_cfg": do_cfg})
+    def encode_conditioning(self, lr, prompts_high, prompts_low, phrases, boxes, negative_prompt, do_cfg,
+                            negative_prompt_low=None):
+        self.calls.append({"lr": lr, "high": prompts_high, "phrases": phrases, "boxes": boxes, "do_cfg": do_cfg,
+                           "negative": negative_prompt, "negative_low": negative_prompt_low})
         return SimpleNamespace(batch=len(lr))
 
     def predict_noise(self, latents, t, control_image, cond, guidance_scale, conditioning_scale=1.0):
@@ -245,9 +247,58 @@ def test_the_full_resolution_image_never_exists_in_float(monkeypatch):
     (["upscale.realism=1.5"], "less than or equal to 1"),
     (["upscale.color_fix=histogram"], "color_fix"),
     (["upscale.stages=[embeddings]"], "visual_tokens=image"),
+    (["upscale.preset=xpsr", "upscale.scheduler=EulerDiscreteScheduler"], "added_noise_level"),
+    (["upscale.preset=sd"], "preset"),
 ])
 def test_bad_upscale_settings_are_errors_that_name_the_key(overrides, message):
     from spasem.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=overrides)
+
+
+def _ddpm() -> DDPMScheduler:
+    # SD 1.5's scheduler_config.json, as XPSR's test.py loads it
+    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                         num_train_timesteps=1000, clip_sample=False)
+
+
+def test_sampling_starts_from_the_lr_latent_noised_to_the_first_timestep():
+    """XPSR's pipeline: add_noise(z_lr, n1, timesteps[0]), then (test.py) add_noise(., n2, 800)."""
+    sched = _ddpm()
+    sched.set_timesteps(20)
+    first = sched.timesteps[:1]
+    assert int(first) == 951
+    z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    ab = sched.alphas_cumprod
+    for level in (None, 800):
+        upscaler = TiledUpscaler(FakePipe(), _cfg(scheduler="DDPMScheduler", added_noise_level=level))
+        got = upscaler.start_latents(sched, z0, first, torch.Generator().manual_seed(5))
+        g = torch.Generator().manual_seed(5)
+        n1 = torch.randn(z0.shape, generator=g)
+        expected = ab[951].sqrt() * z0 + (1 - ab[951]).sqrt() * n1
+        if level is not None:
+            expected = ab[800].sqrt() * expected + (1 - ab[800]).sqrt() * torch.randn(z0.shape, generator=g)
+        torch.testing.assert_close(got, expected)
+
+
+def test_xpsr_preset_is_the_released_sampling_and_realism_one_runs_it_unchanged():
+    cfg = UpscaleConfig(preset="xpsr")
+    assert (cfg.scheduler, cfg.steps, cfg.guidance_scale, cfg.color_fix) == ("DDPMScheduler", 20, 4.5, "adain")
+    assert cfg.negative_prompt == "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed."
+    assert cfg.added_noise_level == 800 and cfg.realism == 1.0 and (cfg.tile_size, cfg.tile_overlap) == (320, 8)
+    # keys set explicitly win over the preset (e.g. the paper text's guidance 5.5)
+    assert UpscaleConfig(preset="xpsr", guidance_scale=5.5).guidance_scale == 5.5
+    plan = realism_plan(cfg.realism, cfg.steps, cfg.guidance_scale, cfg.conditioning_scale)
+    assert (plan.strength, plan.steps, plan.guidance_scale, plan.conditioning_scale) == (1.0, 20, 4.5, 1.0)
+    assert plan.model_levels == 6, "every wavelet band comes from the model"
+    # the prompts reach the model as XPSR's test.py builds them
+    pipe = FakePipe()
+    pipe.scheduler = _ddpm()
+    lr = np.random.default_rng(7).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    small = {"steps": 2, "tile_size": 16, "tile_overlap": 8}
+    TiledUpscaler(pipe, UpscaleConfig(preset="xpsr", **small))(lr, "a cat.", "blurry", seed=0)
+    call = pipe.calls[-1]
+    assert call["high"][0] == "a cat. " + XPSR_SAMPLING["added_prompt"]
+    assert call["negative"] == XPSR_SAMPLING["negative_prompt"]
+    assert call["negative_low"] == "high resolution, best quality, clear" and call["do_cfg"]

@@ -7,7 +7,7 @@ by 128 output pixels, Stable Diffusion 1.5's native size. See docs/upscale.md.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -24,7 +24,28 @@ SCHEDULERS = (
     "LMSDiscreteScheduler",
     "HeunDiscreteScheduler",
 )
+# the XPSR paper's negative prompt (Sec. 3.6); the project default
 NEGATIVE_PROMPT = "blurry, dotted, noise, unclear, low-res, over-smoothed"
+# XPSR's released sampling: test.py run with configs/xpsr_test.yaml (qyp2000/XPSR). The yaml's values
+# differ from the paper's text (guidance 5.5, the shorter negative prompt); the preset follows the code.
+XPSR_SAMPLING: dict[str, Any] = {
+    "scheduler": "DDPMScheduler",  # test.py: DDPMScheduler.from_pretrained(SD-1.5, subfolder="scheduler")
+    "steps": 20,  # xpsr_test.yaml num_inference_steps
+    "guidance_scale": 4.5,  # xpsr_test.yaml guidance_scale (the paper's text says 5.5)
+    "conditioning_scale": 1.0,
+    "negative_prompt": "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed.",
+    "negative_prompt_low": "high resolution, best quality, clear",  # pipeline_xpsr.py, hard-coded
+    "added_prompt": "clean, high-resolution, 8k, high quality, clear text.",  # appended with a space
+    "added_noise_level": 800,  # test.py --added_noise_level default (not in the yaml)
+    "realism": 1.0,  # all steps from the first timestep, every band from the model
+    "color_fix": "adain",  # test.py: adain_color_fix on every output
+    "tile_size": 320,  # test.py --latent_tiled_size / --latent_tiled_overlap
+    "tile_overlap": 8,
+}
+PRESETS: dict[str, dict[str, Any]] = {"xpsr": XPSR_SAMPLING}
+# schedulers whose add_noise takes any timestep (alphas_cumprod); the sigma-based ones need the schedule's own
+VP_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                 "PNDMScheduler")
 
 
 class _Section(BaseModel):
@@ -41,6 +62,9 @@ class DiffusePoolConfig(_Section):
 
 
 class UpscaleConfig(_Section):
+    preset: Literal["xpsr"] | None = Field(
+        None, description="a paper's sampling (xpsr: XPSR's test.py + xpsr_test.yaml); keys set explicitly win"
+    )
     model: str | None = Field(
         None, description="SpatialSemanticSRPipeline folder (a training export); default: untrained tiny-profile build"
     )
@@ -49,7 +73,14 @@ class UpscaleConfig(_Section):
     guidance_scale: float = Field(5.5, ge=1.0, description="classifier-free guidance at realism 1 (1 = off)")
     conditioning_scale: float = Field(1.0, ge=0, description="ControlNet residual scale at realism 1")
     negative_prompt: str = Field(NEGATIVE_PROMPT, description="negative prompt of classifier-free guidance")
+    negative_prompt_low: str | None = Field(
+        None, description="CFG's unconditional low-level caption (XPSR's); none: the low-level caption is kept"
+    )
     prompt: str = Field("", description="caption used when the captions stage is off or gives none")
+    added_prompt: str = Field("", description="appended (after a space) to every high-level caption, as XPSR does")
+    added_noise_level: int | None = Field(
+        None, ge=1, le=999, description="XPSR's second add_noise of the start latent at this timestep; none: off"
+    )
     scheduler: str = Field("DDIMScheduler", description=f"diffusers scheduler class: {', '.join(SCHEDULERS)}")
     tile_size: int = Field(64, ge=8, description="diffusion tile side in latent px (x8 = output px); multiple of 8")
     tile_overlap: int = Field(16, ge=0, description="overlap of neighbouring diffusion tiles in latent px")
@@ -72,6 +103,16 @@ class UpscaleConfig(_Section):
     max_input_pixels: int = Field(16_777_216, ge=1, description="reject inputs with more pixels (before decoding)")
     min_input_size: int = Field(8, ge=1, description="reject inputs whose short side is smaller")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        """Fill the preset's values under the keys the user did not set."""
+        if isinstance(data, dict) and data.get("preset") is not None:
+            if data["preset"] not in PRESETS:
+                raise ValueError(f"upscale.preset={data['preset']!r} is unknown; use one of {', '.join(PRESETS)}")
+            data = {**PRESETS[data["preset"]], **data}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> UpscaleConfig:
         if self.scheduler not in SCHEDULERS:
@@ -88,6 +129,11 @@ class UpscaleConfig(_Section):
             raise ValueError(
                 "upscale.stages has embeddings, whose whole-image tokens only upscale.visual_tokens=image uses "
                 "(with 'tile' the diffusion stage encodes each tile's crop): set one or drop the other"
+            )
+        if self.added_noise_level is not None and self.scheduler not in VP_SCHEDULERS:
+            raise ValueError(
+                f"upscale.added_noise_level needs a scheduler whose add_noise takes any timestep "
+                f"({', '.join(VP_SCHEDULERS)}), not {self.scheduler}; unset one of them"
             )
         if self.tile_overlap >= (self.vae_tile_size or self.tile_size):
             raise ValueError(f"upscale.tile_overlap={self.tile_overlap} must be smaller than upscale.vae_tile_size")

@@ -107,9 +107,9 @@ def regional_boxes(phrases: list[str], boxes: np.ndarray, window: tuple[float, f
 class TiledUpscaler:
     """Upscale one RGB uint8 image with a loaded pipeline, tile by tile.
 
-    ``cfg`` sets the scale, schedule, guidance, tiles and realism. The pipeline's own tiled path is
-    ``TiledUpscaler(pipe, cfg, device, dtype)(lr, prompt, prompt_low, phrases, boxes, generator=g)``
-    with ``cfg.realism`` 1 and ``cfg.color_fix`` ``none`` (plain sampling: all steps, all bands from the model).
+    ``cfg`` sets the scale, schedule, guidance, tiles and realism. ``SpatialSemanticSRPipeline.__call__``
+    runs through this class too (realism 1 by default: all steps from the first timestep, every band
+    from the model), so the Python API and the batch CLI share one sampler.
     """
 
     def __init__(self, pipe: Any, cfg: UpscaleConfig, device: torch.device | str = "cpu",
@@ -153,7 +153,7 @@ class TiledUpscaler:
             n = len(chunk)
             cond = self.pipe.encode_conditioning(
                 np.stack(crops), [captions[0]] * n, [captions[1]] * n, tile_phrases, tile_boxes,
-                self.cfg.negative_prompt, do_cfg,
+                self.cfg.negative_prompt, do_cfg, negative_prompt_low=self.cfg.negative_prompt_low,
             )
             if image_tokens is not None:
                 cond = dataclasses.replace(cond, **{
@@ -176,6 +176,21 @@ class TiledUpscaler:
                                           plan.guidance_scale, plan.conditioning_scale).float()
             yield from ((tile, eps[k : k + 1]) for k, tile in enumerate(chunk))
 
+    def start_latents(self, scheduler: Any, z0: torch.Tensor, first: torch.Tensor,
+                      generator: torch.Generator) -> torch.Tensor:
+        """The input's latent ``z0`` noised to the first timestep run, as XPSR's and SeeSR's pipelines start.
+
+        With ``added_noise_level`` a second ``add_noise`` at that timestep follows, as XPSR's pipeline does
+        (pipeline_xpsr.py, ``init_latent_with_noise`` False): the two compose to the product of both alphas.
+        """
+        noise = torch.randn(z0.shape, generator=generator, device=generator.device).to(self.device)
+        latents = scheduler.add_noise(z0, noise, first)
+        if self.cfg.added_noise_level is not None:
+            added = torch.randn(z0.shape, generator=generator, device=generator.device).to(self.device)
+            level = torch.full_like(first, self.cfg.added_noise_level)
+            latents = scheduler.add_noise(latents, added, level)
+        return latents
+
     def _sample(self, src: BicubicSource, grid: TileGrid, conds: list[Any], plan: RealismPlan,
                 generator: torch.Generator) -> torch.Tensor:
         """Latents of the upscale: the input's latents noised to ``plan.strength``, then denoised tile-blended."""
@@ -188,8 +203,7 @@ class TiledUpscaler:
             scheduler.set_begin_index(t_start * scheduler.order)
         z0 = encode_tiled(self._encode, src, grid.height, grid.width, cfg.effective_vae_tile, cfg.tile_overlap,
                           self.factor).to(self.device)
-        noise = torch.randn(z0.shape, generator=generator, device=generator.device).to(self.device)
-        latents = scheduler.add_noise(z0, noise, timesteps[:1])
+        latents = self.start_latents(scheduler, z0, timesteps[:1], generator)
         blender, tiles = TileBlender(grid), grid.tiles
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         # predict_noise scales its input with the pipeline's scheduler (Euler's sigma scaling): make it ours
@@ -235,7 +249,10 @@ class TiledUpscaler:
         grid = TileGrid(*padded_latent_size(src.height, src.width, self.factor), cfg.tile_size, cfg.tile_overlap)
         plan = realism_plan(cfg.realism, cfg.steps, cfg.guidance_scale, cfg.conditioning_scale)
         tokens = self._image_tokens(lr, image_tokens) if cfg.visual_tokens == "image" else None
-        conds = self._conditioning(lr, grid.tiles, (caption_high or cfg.prompt, caption_low or ""), list(phrases or []),
+        high = caption_high or cfg.prompt
+        if cfg.added_prompt:  # XPSR's test.py: caption + " " + added_prompt
+            high = f"{high} {cfg.added_prompt}"
+        conds = self._conditioning(lr, grid.tiles, (high, caption_low or ""), list(phrases or []),
                                    np.zeros((0, 4), np.float32) if boxes is None else boxes,
                                    plan.guidance_scale > 1.0, tokens)
         latents = self._sample(src, grid, conds, plan, generator or torch.Generator().manual_seed(seed))
