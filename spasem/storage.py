@@ -1,16 +1,28 @@
 """Local and S3 storage behind one small interface, with atomic writes.
 
-URIs are local paths or ``s3://bucket/prefix``. S3 goes through boto3 with the standard credential
-chain; the endpoint comes from config or ``AWS_ENDPOINT_URL``. Credentials are never read, stored or
-logged here: boto3 resolves them itself, and stores pickle without a client (Ray ships them to workers).
+URIs are local paths or ``s3://bucket/prefix``. One S3 stack: boto3 for the objects this code reads and
+writes, pyarrow's S3FileSystem (``arrow_location``) where Ray Data and Ray Train need a filesystem. Both
+take the same endpoint (config or ``AWS_ENDPOINT_URL``) and region (config, ``AWS_REGION``, else the
+bucket's own), and both retry throttling (503 SlowDown) and 5xx errors with exponential backoff. Large
+objects (checkpoints, tars) go up as multipart uploads, which S3 makes visible only once complete, so a
+write stays atomic. Credentials are never read, stored or logged here: boto3 resolves them itself, and
+stores pickle without a client (Ray ships them to workers).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
+
+# S3 caps an upload at 10,000 parts: 16 MiB parts reach 156 GiB, past any checkpoint shard we write.
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
+# attempts per request, the first included; AWS_MAX_ATTEMPTS / AWS_RETRY_MODE override both
+RETRY_ATTEMPTS = 10
+RETRY_MODE = "standard"  # exponential backoff with jitter: the policy pyarrow's AwsStandardS3RetryStrategy applies too
 
 
 class StorageError(OSError):
@@ -94,10 +106,18 @@ class LocalStore:
         return str(self._path(rel))
 
 
-class S3Store:
-    """A prefix in an S3 (or S3-compatible) bucket; each write is a single PUT, hence atomic."""
+def retry_settings() -> dict[str, Any]:
+    """botocore's ``retries`` setting: standard mode, 10 attempts, unless the AWS environment says otherwise."""
+    return {"mode": os.environ.get("AWS_RETRY_MODE") or RETRY_MODE,
+            "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or RETRY_ATTEMPTS)}
 
-    def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None):
+
+class S3Store:
+    """A prefix in an S3 (or S3-compatible) bucket. Each write is one PUT, or one multipart upload from
+    ``multipart_threshold`` bytes on; either becomes visible whole or not at all."""
+
+    def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None,
+                 multipart_threshold: int = MULTIPART_THRESHOLD, multipart_chunksize: int = MULTIPART_CHUNKSIZE):
         rest = uri[len("s3://"):]
         bucket, _, prefix = rest.partition("/")
         if not bucket or "@" in bucket:
@@ -107,6 +127,8 @@ class S3Store:
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
         self.region = region
+        self.multipart_threshold = multipart_threshold
+        self.multipart_chunksize = multipart_chunksize
         self._client: Any = None
 
     def __getstate__(self) -> dict:
@@ -118,11 +140,22 @@ class S3Store:
     def client(self) -> Any:
         if self._client is None:
             import boto3
+            from botocore.config import Config
 
+            # no region: boto3 takes AWS_REGION / the profile's, and follows S3's redirect to the bucket's own
             self._client = boto3.session.Session().client(
-                "s3", endpoint_url=self.endpoint_url, region_name=self.region
+                "s3", endpoint_url=self.endpoint_url, region_name=self.region,
+                config=Config(retries=retry_settings(), max_pool_connections=32),
             )
         return self._client
+
+    def transfer_config(self) -> Any:
+        from boto3.s3.transfer import TransferConfig
+
+        # the classic transfer client: the CRT one ignores this client's endpoint and retry settings
+        return TransferConfig(multipart_threshold=self.multipart_threshold,
+                              multipart_chunksize=self.multipart_chunksize, max_concurrency=8,
+                              preferred_transfer_client="classic")
 
     def _key(self, rel: str) -> str:
         if rel == "":
@@ -148,7 +181,11 @@ class S3Store:
             raise FileNotFoundError(f"{self.url(rel)} does not exist") from None
 
     def write(self, rel: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
+        if len(data) < self.multipart_threshold:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
+            return
+        # each part is retried on its own; a failed upload is aborted by s3transfer, so nothing half-written shows
+        self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(rel), Config=self.transfer_config())
 
     def _head(self, rel: str) -> dict | None:
         from botocore.exceptions import ClientError
@@ -170,7 +207,8 @@ class S3Store:
         return int(head["ContentLength"])
 
     def child(self, rel: str) -> S3Store:
-        return S3Store(f"s3://{self.bucket}/{self._key(rel)}", self.endpoint_url, self.region)
+        return S3Store(f"s3://{self.bucket}/{self._key(rel)}", self.endpoint_url, self.region,
+                       self.multipart_threshold, self.multipart_chunksize)
 
     def url(self, rel: str) -> str:
         return f"s3://{self.bucket}/{self._key(rel)}"
@@ -207,7 +245,8 @@ def arrow_location(uri: str, endpoint_url: str | None = None, region: str | None
 
     path = uri[len("s3://"):].rstrip("/")
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs: dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=10)}
+    attempts = retry_settings()["total_max_attempts"]
+    kwargs: dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)}
     found = s3_region(path.split("/", 1)[0], region, endpoint)
     if found:
         kwargs["region"] = found
