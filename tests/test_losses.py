@@ -1,5 +1,5 @@
 """Each loss of training/losses.py against an independent computation: diffusers' scheduler maths,
-numpy, scipy.stats.wasserstein_distance."""
+numpy, numbers worked by hand (XPSR's DFC terms), scipy.stats.wasserstein_distance."""
 
 from __future__ import annotations
 
@@ -72,6 +72,29 @@ def test_degradation_free_constraint_is_l1_over_three_scale_pyramids():
     assert losses.pyramid_l1(hr, hr).item() == 0.0
     with pytest.raises(ValueError, match="equal shapes"):
         losses.pyramid_l1(x0, pix)
+
+
+def test_xpsr_dfc_terms_match_a_hand_computation():
+    # HR pixels: channel c is [[1, 2], [3, 4]] * c; XPSR resizes the target bilinearly to each head's size
+    hr = torch.tensor([[1.0, 2.0], [3.0, 4.0]]) * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
+    rgb = [torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 2, 2)]
+    # 1x1: the target is the 2x2 mean (bilinear, align_corners=False, halves = 2x2 average), 2.5 c
+    rgb_0 = (2.5 * 1 + 2.5 * 2 + 2.5 * 3) / 3
+    # 2x2: the target as is; |1 - v| over the 12 values 1..4, 2..8, 3..12
+    rgb_1 = sum(abs(1 - v * c) for c in (1, 2, 3) for v in (1, 2, 3, 4)) / 12
+    latents = torch.arange(4 * 4 * 4, dtype=torch.float32).view(1, 4, 4, 4)
+    lat = [latents + 0.5, torch.zeros(1, 4, 2, 2)]
+    # same size: every value off by 0.5; half size: 2x2 means of each channel's 4x4 ramp, mean of those
+    lat_1 = np.abs(latents.numpy().reshape(1, 4, 2, 2, 2, 2).mean(axis=(3, 5))).mean()
+    terms = losses.xpsr_dfc_terms(rgb, lat, hr, latents)
+    assert list(terms) == ["dfc_rgb_0", "dfc_rgb_1", "dfc_latent_0", "dfc_latent_1"]
+    expected = [rgb_0, rgb_1, 0.5, lat_1]
+    assert [t.item() for t in terms.values()] == pytest.approx(expected, rel=1e-6)
+    assert rgb_0 == 5.0 and lat_1 == pytest.approx(31.5)  # the numbers worked by hand
+    # gradients reach the heads' predictions, never the targets
+    pred = torch.zeros(1, 3, 1, 1, requires_grad=True)
+    losses.xpsr_dfc_terms([pred], [], hr, latents)["dfc_rgb_0"].backward()
+    torch.testing.assert_close(pred.grad, torch.full((1, 3, 1, 1), -1 / 3))
 
 
 def test_semantic_constraint_is_masked_cosine_distance():

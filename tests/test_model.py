@@ -1,6 +1,7 @@
 """SpatialSemanticControlNet and SRObjective on the tiny profile: zero-init equivalence with a plain
-ControlNet, every stream wired, save/load round-trip, the trainable/frozen split, the shard path equal
-to the online fallback, the scheduler's prediction type, and overfitting 8 samples."""
+ControlNet (XPSR's DFC heads and semantic fusion included), every stream wired, DFC head shapes of the
+real SD 1.5 / 2.1 architectures (on the meta device), save/load round-trip, the trainable/frozen split,
+the shard path equal to the online fallback, the scheduler's prediction type, and overfitting 8 samples."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
 from spasem.config.model import LossConfig, ModelConfig
 from spasem.encoders import ImageEncoders, encode_prompts
+from spasem.model.attention import is_new_layer
 from spasem.model.controlnet import SpatialSemanticControlNet
 from spasem.model.latents import vae_posterior
 from spasem.pixels import signed_to_hwc
+from spasem.profiles.real_size import build_from_config
 from spasem.profiles.tiny_sd import CLIP_VISION_DIM, DINO_DIM, TEXT_DIM
 from training import losses
 from training.objective import SRObjective
 
-MODES = [("gated", "standard"), ("attention", "standard"), ("gated", "lgcaa")]
+MODES = [("gated", "standard"), ("attention", "standard"), ("gated", "lgcaa"), ("sfa", "standard")]
 K = 4
 
 
@@ -60,7 +63,8 @@ def build(unet, fusion: str, attention: str) -> SpatialSemanticControlNet:
 
 def new_layers(model: SpatialSemanticControlNet) -> list[torch.nn.Module]:
     procs = [m.processor for m in model.branch.modules() if isinstance(getattr(m, "processor", None), torch.nn.Module)]
-    return procs + [model.position_net, model.clip_restorer, model.dino_restorer]
+    fusions = [m.semantic_fusion for m in model.branch.modules() if hasattr(m, "semantic_fusion")]
+    return procs + fusions + [model.position_net, model.clip_restorer, model.dino_restorer]
 
 
 @pytest.mark.parametrize(("fusion", "attention"), MODES)
@@ -71,15 +75,20 @@ def test_untrained_model_equals_plain_controlnet_and_every_stream_is_wired(unet,
     for part in (plain.controlnet_down_blocks, plain.controlnet_mid_block, plain.controlnet_cond_embedding.conv_out):
         randomize(part, seed=1)
     model = build(unet, fusion, attention)
+    assert (fusion == "sfa") == any(".semantic_fusion." in k for k in model.branch.state_dict())
     loaded = model.branch.load_state_dict(plain.state_dict(), strict=False)
-    assert not loaded.unexpected_keys and all(".processor." in k for k in loaded.missing_keys)
+    assert not loaded.unexpected_keys and loaded.missing_keys and all(is_new_layer(k) for k in loaded.missing_keys)
     x = inputs()
     with torch.no_grad():
         ours = model(**x)
+        with_heads = model(**x, return_dfc=True)
         ref = plain(x["sample"], x["timestep"], x["encoder_hidden_states"], x["controlnet_cond"], return_dict=False)
     assert ref[1].abs().max() > 1e-3
-    for a, b in zip(residuals(ours), [*ref[0], ref[1]], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # XPSR's DFC heads (default init, not zero) are side outputs: running them changes no residual
+    assert ours.dfc_rgb is None and len(with_heads.dfc_rgb) == 3 and len(with_heads.dfc_latent) == len(residuals(ours))
+    for a, b, c in zip(residuals(ours), residuals(with_heads), [*ref[0], ref[1]], strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a, b)
     assert ours.clip_pooled.shape == (2, CLIP_VISION_DIM) and ours.dino_pooled.shape == (2, DINO_DIM)
 
     # once the new outputs move, each stream changes the residuals
@@ -95,17 +104,44 @@ def test_untrained_model_equals_plain_controlnet_and_every_stream_is_wired(unet,
             assert diff > 1e-5, f"{key} does not reach the residuals"
 
 
-@pytest.mark.parametrize(("fusion", "attention"), [MODES[1], MODES[2]])
+@pytest.mark.parametrize(("fusion", "attention"), [MODES[1], MODES[2], MODES[3]])
 def test_save_load_round_trip_gives_identical_outputs(unet, tmp_path, fusion, attention):
     model = build(unet, fusion, attention)
     randomize(model, seed=3, scale=0.02)
     model.save_pretrained(tmp_path / "controlnet")
     loaded = SpatialSemanticControlNet.from_pretrained(tmp_path / "controlnet")
-    assert loaded.config.fusion == fusion and loaded.config.attention == attention
+    assert loaded.config.fusion == fusion and loaded.config.attention == attention and loaded.config.dfc == "xpsr"
     x = inputs(seed=4, latent=(8, 12))  # non-square latents: LGCAA's windows must follow the grid
     with torch.no_grad():
-        for a, b in zip(residuals(model(**x)), residuals(loaded(**x)), strict=True):
-            assert torch.equal(a, b)
+        ours, theirs = model(**x, return_dfc=True), loaded(**x, return_dfc=True)
+    # the DFC heads are part of the trained model: the saved folder carries them
+    for a, b in zip([*residuals(ours), *ours.dfc_rgb, *ours.dfc_latent],
+                    [*residuals(theirs), *theirs.dfc_rgb, *theirs.dfc_latent], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sd21"])
+def test_dfc_heads_follow_xpsr_on_the_real_architectures(arch):
+    # real-size layers on the meta device: shapes without weights or compute
+    unet = build_from_config(f"{arch}-unet", torch.float32, "meta")
+    with torch.device("meta"):
+        model = SpatialSemanticControlNet.from_unet(unet, load_weights_from_unet=False)
+        dim = unet.config.cross_attention_dim
+        x = dict(sample=torch.zeros(1, 4, 64, 64), timestep=torch.tensor([10]),
+                 controlnet_cond=torch.zeros(1, 3, 512, 512), encoder_hidden_states=torch.zeros(1, 77, dim))
+    with torch.no_grad():
+        out = model(**x, return_dfc=True)
+    # XPSR's to_rgbs: Conv2d(C, 3, 3) after each stride-2 conv of the (16, 32, 96, 256) encoder
+    assert [(h.in_channels, h.out_channels, h.kernel_size) for h in model.dfc_heads.rgb] == [
+        (32, 3, (3, 3)), (96, 3, (3, 3)), (256, 3, (3, 3))]
+    assert [tuple(r.shape[1:]) for r in out.dfc_rgb] == [(3, 256, 256), (3, 128, 128), (3, 64, 64)]
+    # conv_degradation: 12 down residuals + conv_degradation_mid, each Conv2d(C, 4, 3) at its residual's size
+    widths = [320] * 4 + [640] * 3 + [1280] * 6
+    sizes = [64] * 3 + [32] * 3 + [16] * 3 + [8] * 4
+    assert [(h.in_channels, h.out_channels, h.kernel_size) for h in model.dfc_heads.latent] == [
+        (c, 4, (3, 3)) for c in widths]
+    assert [tuple(r.shape[1:]) for r in out.dfc_latent] == [(4, s, s) for s in sizes]
+    assert [r.shape[1:] for r in residuals(out)] == [torch.Size([c, s, s]) for c, s in zip(widths, sizes, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -137,15 +173,20 @@ def test_only_the_controlnet_is_trainable_and_gets_gradients(objective):
     assert {n.split(".")[0] for n, _ in frozen} == {"unet", "vae", "text_encoder", "clip_vision", "dino"}
     objective.zero_grad(set_to_none=True)
     out = objective(make_batch(2), generator=torch.Generator().manual_seed(0))
-    assert set(out) == {"loss", "diffusion", "degradation_free", "semantic", "pixel_w1"}
-    expected = out["diffusion"] + 0.05 * out["degradation_free"] + 0.1 * out["semantic"] + 0.1 * out["pixel_w1"]
+    # XPSR's DFC: every head's term logged on its own (tiny UNet: 4 down residuals + mid)
+    dfc = {f"dfc_rgb_{i}" for i in range(3)} | {f"dfc_latent_{i}" for i in range(5)}
+    assert set(out) == {"loss", "diffusion", "degradation_free", "semantic", "pixel_w1"} | dfc
+    torch.testing.assert_close(out["degradation_free"], sum(out[k] for k in sorted(dfc)))
+    # 0.05 on each term, summed, as XPSR's train.py
+    expected = out["diffusion"] + sum(0.05 * out[k] for k in dfc) + 0.1 * out["semantic"] + 0.1 * out["pixel_w1"]
     torch.testing.assert_close(out["loss"], expected)
     out["loss"].backward()
     assert all(p.grad is None for _, p in frozen)
     grads = {n: p.grad for n, p in objective.controlnet.named_parameters()}
     # from step one: ControlNet's zero convs (diffusion loss) and the restorers (semantic constraint);
     # everything behind the zero convs waits until they move, as in ControlNet
-    for prefix in ("branch.controlnet_mid_block", "branch.controlnet_down_blocks", "clip_restorer", "dino_restorer"):
+    for prefix in ("branch.controlnet_mid_block", "branch.controlnet_down_blocks", "clip_restorer", "dino_restorer",
+                   "dfc_heads.rgb", "dfc_heads.latent", "branch.controlnet_cond_embedding.blocks"):
         assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith(prefix)), prefix
     objective.zero_grad(set_to_none=True)
 
@@ -212,8 +253,9 @@ def test_tiny_model_overfits_eight_samples(tiny):
     assert end < 0.4 * start, f"loss went from {start:.4f} to {end:.4f}"
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(unet):
-    model = build(unet, "attention", "lgcaa")
+@pytest.mark.parametrize("fusion", ["attention", "sfa"])
+def test_gradient_checkpointing_gives_the_same_gradients(unet, fusion):
+    model = build(unet, fusion, "lgcaa")
     randomize(model, seed=6, scale=0.05)
     x = inputs(seed=7)
     grads = []
@@ -228,3 +270,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(unet):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 100
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_dfc_x0_builds_no_heads_and_the_objective_keeps_the_x0_pyramids(unet, tiny):
+    model = SpatialSemanticControlNet.from_unet(unet, dfc="x0", max_boxes=K, clip_dim=CLIP_VISION_DIM,
+                                                dino_dim=DINO_DIM)
+    assert model.dfc_heads is None and not any(k.startswith("dfc_heads") for k in model.state_dict())
+    with pytest.raises(ValueError, match="dfc='xpsr'"):
+        model(**inputs(), return_dfc=True)
+    obj = SRObjective.from_paths(tiny, ModelConfig(max_boxes=K, dfc="x0"), LossConfig(degradation_free_pixels=False))
+    with torch.no_grad():
+        out = obj(make_batch(2), generator=torch.Generator().manual_seed(0))
+    assert set(out) == {"loss", "diffusion", "degradation_free", "semantic"}

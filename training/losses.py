@@ -3,7 +3,10 @@
 - ``diffusion_target`` / ``diffusion_loss``: epsilon or v-prediction MSE, the target chosen by the
   scheduler config's ``prediction_type``.
 - ``predicted_x0``: the clean latents the model's prediction implies (DDPM's ``pred_original_sample``).
-- ``degradation_free_loss``: XPSR's constraint, L1 between multi-scale pyramids of the predicted x0
+- ``xpsr_dfc_terms``: XPSR's degradation-free constraint (qyp2000/XPSR ``train.py``, the loop after
+  ``mse_loss``): L1 of each DFC head's prediction against the HR pixels / HR latents bilinearly resized
+  to its size, one term per head (XPSR weights each by ``lambda_d = 0.05`` and sums them).
+- ``degradation_free_loss`` (``model.dfc: x0``): L1 between multi-scale pyramids of the predicted x0
   and the HR, in latent space and (decoded) pixel space.
 - ``semantic_loss``: restored LR encoder features vs the recorded HR features (cosine distance).
 - ``wasserstein1_pixels``: DPACM's pixel-distribution loss, the exact 1-D Wasserstein-1 distance
@@ -77,6 +80,20 @@ def degradation_free_loss(x0_latents: torch.Tensor, hr_latents: torch.Tensor, x0
     if x0_pixels is not None:
         loss = loss + pyramid_l1(x0_pixels, hr_pixels, scales)
     return loss
+
+
+def xpsr_dfc_terms(rgb: Sequence[torch.Tensor], latent: Sequence[torch.Tensor], hr_pixels: torch.Tensor,
+                   hr_latents: torch.Tensor) -> dict[str, torch.Tensor]:
+    """XPSR's DFC terms, unweighted: ``dfc_rgb_i`` (RGB head i vs the HR pixels in [-1, 1]) and ``dfc_latent_i``
+    (latent head i vs the scaled HR latents; the mid residual's head is last), each a mean L1 in float32
+    against the target bilinearly resized (``align_corners=False``, no antialias, as XPSR) to the head's size."""
+    terms = {}
+    for prefix, preds, target in (("dfc_rgb", rgb, hr_pixels), ("dfc_latent", latent, hr_latents)):
+        target = target.float()
+        for i, pred in enumerate(preds):
+            resized = F.interpolate(target.to(pred.device), size=pred.shape[-2:], mode="bilinear")
+            terms[f"{prefix}_{i}"] = F.l1_loss(pred.float(), resized)
+    return terms
 
 
 def semantic_loss(restored: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],

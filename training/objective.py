@@ -128,7 +128,8 @@ class SRObjective(nn.Module):
 
     # -- the objective ------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Weighted total ``loss`` and one entry per enabled term (float32 scalars)."""
+        """Weighted total ``loss``, one entry per enabled term and, with XPSR's DFC, each of its terms
+        (``dfc_rgb_i``, ``dfc_latent_i``; their sum is ``degradation_free``), all float32 scalars."""
         dev = self.device
         cond = self.conditioning(batch)
         hr = batch["hr"].to(dev).float()
@@ -159,23 +160,29 @@ class SRObjective(nn.Module):
             clip_lr = apply_keep(clip_lr, keep_visual) if clip_lr is not None else None
             dino_lr = apply_keep(dino_lr, keep_visual) if dino_lr is not None else None
 
+        cfg, dfc = self.loss_cfg, self.model_cfg.dfc
+        xpsr_dfc = dfc == "xpsr" and cfg.degradation_free > 0
         pred, ctrl = controlled_unet(
             self.unet, self.controlnet, noisy, timesteps, control_image(lr, tuple(hr.shape[-2:])), text_high,
-            text_low=text_low, boxes=cond["boxes"], phrase_embeds=cond["phrase_embeds"], box_mask=box_mask,
-            clip_tokens=clip_lr, dino_tokens=dino_lr,
+            return_dfc=xpsr_dfc, text_low=text_low, boxes=cond["boxes"], phrase_embeds=cond["phrase_embeds"],
+            box_mask=box_mask, clip_tokens=clip_lr, dino_tokens=dino_lr,
         )
         pred = pred.float()
 
         ptype = self.scheduler.config.prediction_type
-        cfg = self.loss_cfg
         terms: dict[str, torch.Tensor] = {}
+        parts: dict[str, torch.Tensor] = {}  # logged one by one, already inside a weighted term
         target = losses.diffusion_target(latents, noise, timesteps, self.alphas_cumprod, ptype)
         terms["diffusion"] = losses.diffusion_loss(pred, target)
         x0 = losses.predicted_x0(noisy, pred, timesteps, self.alphas_cumprod, ptype)
         pixels = None
-        if cfg.needs_pixels:
+        if cfg.needs_pixels(dfc):
             pixels = decode_latents(self.vae, x0).float()
-        if cfg.degradation_free > 0:
+        if xpsr_dfc:
+            # XPSR: lambda_d on each head's L1, summed = the weight times the sum of the terms
+            parts = losses.xpsr_dfc_terms(ctrl.dfc_rgb, ctrl.dfc_latent, hr, latents)
+            terms["degradation_free"] = torch.stack(list(parts.values())).sum()
+        elif cfg.degradation_free > 0:
             terms["degradation_free"] = losses.degradation_free_loss(
                 x0, latents, pixels if cfg.degradation_free_pixels else None, hr, cfg.degradation_free_scales)
         if cfg.semantic > 0:
@@ -188,7 +195,7 @@ class SRObjective(nn.Module):
         weights = {"diffusion": cfg.diffusion, "degradation_free": cfg.degradation_free,
                    "semantic": cfg.semantic, "pixel_w1": cfg.pixel_w1}
         total = sum(weights[name] * value for name, value in terms.items())
-        return {"loss": total, **terms}
+        return {"loss": total, **terms, **parts}
 
     # -- export -------------------------------------------------------------------------------------
     def pipeline(self, controlnet: SpatialSemanticControlNet | None = None) -> SpatialSemanticSRPipeline:

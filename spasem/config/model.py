@@ -31,11 +31,16 @@ class StreamDropoutConfig(_Section):
 
 
 class ModelConfig(_Section):
-    fusion: Literal["gated", "attention"] = Field(
-        "gated", description="fuse the parallel streams by zero-init tanh gates, or XPSR-style attention"
+    fusion: Literal["gated", "attention", "sfa"] = Field(
+        "gated", description="fuse the parallel streams by zero-init tanh gates, a fusion attention with "
+        "semantic queries, or XPSR's semantic-fusion attention between the two caption levels (sfa)"
     )
     attention: Literal["standard", "lgcaa"] = Field(
         "standard", description="self-attention of the ControlNet blocks: standard, or + local-global (LGCAA)"
+    )
+    dfc: Literal["xpsr", "x0"] = Field(
+        "xpsr", description="degradation-free constraint: XPSR's conv heads on the ControlNet's encoder features "
+        "and residuals (xpsr), or L1 pyramids on the predicted x0 (x0, no heads)"
     )
     max_boxes: int = Field(8, ge=1, le=64, description="grounding boxes per sample (GLIGEN tokens)")
     dropout: StreamDropoutConfig = Field(default_factory=StreamDropoutConfig)
@@ -71,6 +76,7 @@ class ModelConfig(_Section):
             "fourier_freqs": self.fourier_freqs,
             "lgcaa_window": self.lgcaa_window,
             "lgcaa_clamp": self.lgcaa_clamp,
+            "dfc": self.dfc,
         }
 
 
@@ -78,15 +84,17 @@ class LossConfig(_Section):
     """Weights of the training objective's terms; a weight of 0 switches a term off (and its cost)."""
 
     diffusion: float = Field(1.0, ge=0, description="epsilon / v MSE; the target follows the scheduler's prediction_type")
-    degradation_free: float = Field(0.05, ge=0, description="XPSR's degradation-free constraint (L1 pyramids of x0)")
-    degradation_free_scales: int = Field(3, ge=1, le=6, description="pyramid levels of the constraint")
+    degradation_free: float = Field(
+        0.05, ge=0, description="weight of each degradation-free term (model.dfc: xpsr = XPSR's lambda_d on "
+        "each head's L1, summed; x0 = the L1 pyramids of the predicted x0)"
+    )
+    degradation_free_scales: int = Field(3, ge=1, le=6, description="pyramid levels of the constraint (model.dfc: x0)")
     degradation_free_pixels: bool = Field(
-        True, description="include the pixel pyramid (decodes the predicted x0 through the frozen VAE)"
+        True, description="include the pixel pyramid, decoding the predicted x0 through the frozen VAE (model.dfc: x0)"
     )
     semantic: float = Field(0.1, ge=0, description="restored LR CLIP/DINOv2 pooled features vs the HR ones")
     pixel_w1: float = Field(0.0, ge=0, description="DPACM's Wasserstein-1 of pixel distributions (off by default)")
 
-    @property
-    def needs_pixels(self) -> bool:
-        """Whether the objective must decode the predicted x0 to pixels."""
-        return (self.degradation_free > 0 and self.degradation_free_pixels) or self.pixel_w1 > 0
+    def needs_pixels(self, dfc: str) -> bool:
+        """Whether the objective must decode the predicted x0 to pixels, with ``model.dfc`` = ``dfc``."""
+        return (dfc == "x0" and self.degradation_free > 0 and self.degradation_free_pixels) or self.pixel_w1 > 0
