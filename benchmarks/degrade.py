@@ -1,10 +1,10 @@
-"""Degradations per second per core: 512 -> 128 (scale 4) on real photo crops, both presets.
+"""Degradations per second per core: 512 -> 128 (scale 4) on real photo crops, every preset.
 
 One process, one thread (``cv2.setNumThreads(1)``, single-threaded BLAS), parameters and noise
-seeded per sample exactly as the Degrade stage does. Prints mean / p50 / p95 wall ms per sample
-and samples/s/core per preset, from wall time and from process CPU time (goal on the 2-core dev
-machine: >= 40 samples/s/core for xpsr).
-``--profile`` adds the functions that take the most time.
+seeded per sample exactly as the Degrade stage does, the USM sharpening of the HR target included
+(``--no-usm`` leaves it out). Prints mean / p50 / p95 wall ms per sample and samples/s/core per
+preset, from wall time and from process CPU time, and the USM alone (goal: >= 60 samples/s/core
+for xpsr with USM). ``--profile`` adds the functions that take the most time.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spasem.degrade.chain import sample_seed, synthesize  # noqa: E402
-from spasem.degrade.params import PRESETS  # noqa: E402
+from spasem.degrade.chain import sample_seed, sharpen, synthesize  # noqa: E402
+from spasem.degrade.params import PRESETS, UsmParams  # noqa: E402
 
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
           "hubble_deep_field.jpg", "retina.jpg", "ihc.png")
@@ -57,17 +57,27 @@ def photo_crops(count: int, size: int, seed: int = 0) -> list[np.ndarray]:
     return out
 
 
-def run(preset: str, crops: list[np.ndarray], scale: int, warmup: int = 10) -> tuple[np.ndarray, float]:
+def run(preset: str, crops: list[np.ndarray], scale: int, usm: bool | None, warmup: int = 10
+        ) -> tuple[np.ndarray, float]:
     """Wall seconds per sample for each crop, and the process CPU seconds of them all."""
     for i in range(warmup):
-        synthesize(crops[i % len(crops)], preset, sample_seed(1, f"warmup{i}"), scale)
+        synthesize(crops[i % len(crops)], preset, sample_seed(1, f"warmup{i}"), scale, usm)
     times = np.empty(len(crops))
     cpu_start = time.process_time()
     for i, hr in enumerate(crops):
         start = time.perf_counter()
-        synthesize(hr, preset, sample_seed(0, f"bench_{i:05d}"), scale)
+        synthesize(hr, preset, sample_seed(0, f"bench_{i:05d}"), scale, usm)
         times[i] = time.perf_counter() - start
     return times, time.process_time() - cpu_start
+
+
+def run_usm(crops: list[np.ndarray]) -> float:
+    """Process CPU seconds per crop of the USM sharpening alone."""
+    sharpen(crops[0], UsmParams())
+    cpu_start = time.process_time()
+    for hr in crops:
+        sharpen(hr, UsmParams())
+    return (time.process_time() - cpu_start) / len(crops)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,28 +85,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=400, help="degradations per preset")
     parser.add_argument("--hr-size", type=int, default=512)
     parser.add_argument("--scale", type=int, default=4)
-    parser.add_argument("--presets", nargs="+", default=["xpsr", "realesrgan"], choices=sorted(PRESETS))
+    parser.add_argument("--presets", nargs="+", default=sorted(PRESETS), choices=sorted(PRESETS))
+    parser.add_argument("--no-usm", action="store_true", help="leave out the USM sharpening of the HR target")
     parser.add_argument("--profile", action="store_true", help="print the top functions by own time")
     args = parser.parse_args(argv)
 
     cv2.setNumThreads(1)
     crops = photo_crops(args.samples, args.hr_size)
     lr = args.hr_size // args.scale
+    usm = False if args.no_usm else None
     print(f"degrade {args.hr_size} -> {lr} (scale {args.scale}), {args.samples} real photo crops per preset, "
-          f"1 process, cv2 threads={cv2.getNumThreads()}, opencv {cv2.__version__}, numpy {np.__version__}")
+          f"USM {'off' if args.no_usm else 'on'}, 1 process, cv2 threads={cv2.getNumThreads()}, opencv {cv2.__version__}, numpy {np.__version__}")
     # wall time is what a pipeline sees; CPU time is steadier when other jobs share the cores
     print(f"{'preset':<12}{'mean ms':>9}{'p50 ms':>9}{'p95 ms':>9}{'samples/s/core':>16}{'cpu ms':>9}"
           f"{'samples/s/core (cpu)':>22}")
     for preset in args.presets:
-        times, cpu = run(preset, crops, args.scale)
+        times, cpu = run(preset, crops, args.scale, usm)
         mean, cpu_mean = times.mean(), cpu / len(times)
         print(f"{preset:<12}{mean * 1e3:>9.2f}{np.percentile(times, 50) * 1e3:>9.2f}"
               f"{np.percentile(times, 95) * 1e3:>9.2f}{1.0 / mean:>16.1f}{cpu_mean * 1e3:>9.2f}{1.0 / cpu_mean:>22.1f}")
+    if not args.no_usm:
+        usm_cpu = run_usm(crops[:100])
+        print(f"{'usm alone':<12}{'':>9}{'':>9}{'':>9}{'':>16}{usm_cpu * 1e3:>9.2f}{1.0 / usm_cpu:>22.1f}")
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
         for preset in args.presets:
-            run(preset, crops[:100], args.scale, warmup=0)
+            run(preset, crops[:100], args.scale, usm, warmup=0)
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from spasem.columns import as_list
 from spasem.config import Config
+from spasem.degrade.params import preset_usm
 from spasem.shards import PAIRS_DIR, ShardWriter, encode_pair
 from stages.crop import RandomCrop
 from stages.degrade import Degrade
@@ -37,8 +38,13 @@ def shard_stages(cfg: Config) -> dict[str, str]:
     return {
         "read": "pillow",
         "crop": f"random-{cfg.data.hr_size}",
-        "degrade": f"{cfg.degradation.preset}-x{cfg.data.scale}",
+        # "+usm": the stored HR is the sharpened crop (markers before sharpening existed lack it)
+        "degrade": f"{cfg.degradation.preset}-x{cfg.data.scale}" + ("+usm" if _sharpens(cfg) else ""),
     }
+
+
+def _sharpens(cfg: Config) -> bool:
+    return preset_usm(cfg.degradation.preset, cfg.degradation.usm) is not None
 
 
 class ShardBuilder:

@@ -1,5 +1,5 @@
-"""Degrade stage: HR crops -> Real-ESRGAN second-order degraded LR images, seeded per sample
-(the chain itself: ``spasem.degrade.chain``)."""
+"""Degrade stage: HR crops -> USM-sharpened HR targets and Real-ESRGAN second-order degraded LR images,
+seeded per sample (the chain itself: ``spasem.degrade.chain``)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from stages.rows import RowStatus
 
 
 class Degrade:
-    """Stage: ``key``, ``hr`` (+ ``status``/``error``) -> adds ``lr``, ``seed``, ``degradation``.
+    """Stage: ``key``, ``hr`` (+ ``status``/``error``) -> ``hr`` sharpened, adds ``lr``, ``seed``, ``degradation``.
 
-    Other columns pass through. Rows whose status is not "ok" get a zero LR and degradation
+    ``hr`` becomes the training target: the crop after the preset's unsharp masking (unchanged with
+    ``degradation.usm: false``), from which the LR is degraded. Other columns pass through. Rows whose status is not "ok" get a zero LR and degradation
     "null"; a row that fails here becomes status "error" with error "degrade: <message>", and the
     rest of the batch goes on.
     """
@@ -28,6 +29,7 @@ class Degrade:
         self.base_seed = int(data_cfg.seed)
         self.lr_size = int(data_cfg.hr_size) // self.scale
         self.preset = str(degradation_cfg.preset)
+        self.usm = degradation_cfg.usm
         sample_params(self.preset, np.random.default_rng(0))  # fail at set-up on an unknown preset
         # Ray gives each task its own CPU share; OpenCV's own thread pool would oversubscribe it
         cv2.setNumThreads(1)
@@ -43,15 +45,23 @@ class Degrade:
         keys = [str(k) for k in as_list(batch["key"])]
         hrs = as_list(batch["hr"])
         rows = RowStatus(batch, len(keys))
-        lrs, seeds, records = [], [], []
+        targets, lrs, seeds, records = [], [], [], []
         for i, (key, hr) in enumerate(zip(keys, hrs, strict=True)):
             seed = sample_seed(self.base_seed, key)
-            result = rows.run(i, "degrade", synthesize, np.asarray(hr), self.preset, seed, self.scale, key=key)
-            lr, record = (result[0], json.dumps(result[1].to_record())) if result is not None else (None, "null")
-            lrs.append(self._blank(hr) if lr is None else lr)
+            result = rows.run(i, "degrade", synthesize, np.asarray(hr), self.preset, seed, self.scale, self.usm,
+                              key=key)
+            if result is None:
+                targets.append(hr)
+                lrs.append(self._blank(hr))
+                records.append("null")
+            else:
+                targets.append(result[0])
+                lrs.append(result[1])
+                records.append(json.dumps(result[2].to_record()))
             seeds.append(seed)
-            records.append(record)
         out = dict(batch)
+        if targets:
+            out["hr"] = stack_or_objects(targets)
         out["lr"] = stack_or_objects(lrs) if lrs else np.zeros((0, self.lr_size, self.lr_size, 3), np.uint8)
         out["seed"] = np.asarray(seeds, dtype=np.int64)
         out["degradation"] = object_array(records)

@@ -1,10 +1,9 @@
-"""The Real-ESRGAN degradation: kernels, preset ranges, determinism, re-synthesis, stage behaviour."""
+"""The Real-ESRGAN degradation: kernels, preset ranges, USM targets, determinism, re-synthesis, stage behaviour."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 
 import cv2
 import numpy as np
@@ -14,14 +13,11 @@ from scipy import special, stats
 
 from spasem.columns import object_array
 from spasem.config import DataConfig, DegradationConfig
-from spasem.degrade.chain import degrade, noise_rng, resynthesize, sample_seed, synthesize
+from spasem.degrade.chain import degrade, noise_rng, resynthesize, sample_seed, sharpen, synthesize
 from spasem.degrade.kernels import KERNEL_KINDS, make_kernel, sinc_kernel
 from spasem.degrade.ops import add_gaussian_noise, add_poisson_noise, blur, jpeg, poisson_levels, resize
-from spasem.degrade.params import PRESETS, RECORD_FIELDS, DegradationParams, sample_params
+from spasem.degrade.params import PRESETS, DegradationParams, UsmParams, sample_params
 from stages.degrade import Degrade
-
-KERNEL_FIELDS = {"kind", "size", "sigma", "rotation", "beta", "omega"}
-
 
 @pytest.fixture(scope="module")
 def photo() -> np.ndarray:
@@ -32,8 +28,8 @@ def crops(photo: np.ndarray, n: int, size: int = 128) -> list[np.ndarray]:
     return [np.ascontiguousarray(photo[40 * i : 40 * i + size, 30 * i : 30 * i + size]) for i in range(n)]
 
 
-def stage(hr_size: int = 128, scale: int = 4, seed: int = 0, preset: str = "xpsr") -> Degrade:
-    return Degrade(DataConfig(hr_size=hr_size, scale=scale, seed=seed), DegradationConfig(preset=preset))
+def stage(hr_size: int = 128, scale: int = 4, seed: int = 0, preset: str = "xpsr", usm: bool | None = None) -> Degrade:
+    return Degrade(DataConfig(hr_size=hr_size, scale=scale, seed=seed), DegradationConfig(preset=preset, usm=usm))
 
 
 # ---------------------------------------------------------------------------------------- kernels
@@ -138,125 +134,6 @@ def test_poisson_sampler_matches_the_poisson_law():
         assert stats.chi2.sf(chi2, keep.sum() - 1) > 1e-4, (level, chi2)
 
 
-# ----------------------------------------------------------------------------------------- params
-
-
-def check_kernel(kp, order, kinds: Counter) -> None:
-    kinds[kp.kind] += 1
-    assert kp.size % 2 == 1 and 7 <= kp.size <= order.kernel_size
-    if kp.kind == "sinc":
-        low = math.pi / 3 if kp.size < 13 else math.pi / 5
-        assert low <= kp.omega <= math.pi and kp.sigma is None
-        return
-    sx, sy = kp.sigma
-    assert order.blur_sigma[0] <= sx <= order.blur_sigma[1] and order.blur_sigma[0] <= sy <= order.blur_sigma[1]
-    assert -math.pi <= kp.rotation <= math.pi and kp.omega is None
-    if kp.kind.endswith("_iso") or kp.kind == "iso":
-        assert sx == sy and kp.rotation == 0.0
-    beta_range = {"generalized": order.betag_range, "plateau": order.betap_range}.get(kp.kind.split("_")[0])
-    if beta_range is None:
-        assert kp.beta is None
-    else:
-        assert beta_range[0] <= kp.beta <= beta_range[1]
-
-
-PUBLISHED = {  # Real-ESRGAN train_realesrgan_x4plus.yml, and the SeeSR / PASD / XPSR degradation set
-    "realesrgan": {
-        "first": dict(kernel_size=21, sinc_prob=0.1, blur_sigma=(0.2, 3), betag_range=(0.5, 4), betap_range=(1, 2),
-                      resize_prob=(0.2, 0.7, 0.1), resize_range=(0.15, 1.5), gaussian_noise_prob=0.5,
-                      noise_range=(1, 30), poisson_scale_range=(0.05, 3), gray_noise_prob=0.4, jpeg_range=(30, 95)),
-        "second": dict(kernel_size=21, sinc_prob=0.1, blur_sigma=(0.2, 1.5), betag_range=(0.5, 4), betap_range=(1, 2),
-                       resize_prob=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2), gaussian_noise_prob=0.5,
-                       noise_range=(1, 25), poisson_scale_range=(0.05, 2.5), gray_noise_prob=0.4, jpeg_range=(30, 95),
-                       blur_prob=0.8),
-    },
-    "xpsr": {
-        "first": dict(kernel_size=21, sinc_prob=0.1, blur_sigma=(0.2, 1.5), betag_range=(0.5, 2), betap_range=(1, 1.5),
-                      resize_prob=(0.2, 0.7, 0.1), resize_range=(0.3, 1.5), gaussian_noise_prob=0.5,
-                      noise_range=(1, 15), poisson_scale_range=(0.05, 2), gray_noise_prob=0.4, jpeg_range=(60, 95)),
-        "second": dict(kernel_size=11, sinc_prob=0.1, blur_sigma=(0.2, 1.0), betag_range=(0.5, 2), betap_range=(1, 1.5),
-                       resize_prob=(0.3, 0.4, 0.3), resize_range=(0.6, 1.2), gaussian_noise_prob=0.5,
-                       noise_range=(1, 12), poisson_scale_range=(0.05, 1), gray_noise_prob=0.4, jpeg_range=(60, 100),
-                       blur_prob=0.5),
-    },
-}
-
-
-@pytest.mark.parametrize("name", sorted(PUBLISHED))
-def test_presets_carry_the_published_numbers(name):
-    preset = PRESETS[name]
-    for order_name, expected in PUBLISHED[name].items():
-        order = getattr(preset, order_name)
-        for key, value in expected.items():
-            assert getattr(order, key) == pytest.approx(value), (name, order_name, key)
-        assert order.kernel_prob == pytest.approx((0.45, 0.25, 0.12, 0.03, 0.12, 0.03))
-    assert preset.final_sinc_prob == 0.8 and preset.final_sinc_size == 21
-
-
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_sampled_parameters_stay_in_the_published_ranges(name):
-    preset, n = PRESETS[name], 4000
-    rng = np.random.default_rng(11)
-    kinds1, kinds2, seen = Counter(), Counter(), Counter()
-    for _ in range(n):
-        p = sample_params(name, rng)
-        check_kernel(p.blur1, preset.first, kinds1)
-        if p.blur2 is None:
-            seen["blur2_skipped"] += 1
-        else:
-            check_kernel(p.blur2, preset.second, kinds2)
-        for order, rs, noise, jpeg_q in (
-            (preset.first, p.resize1, p.noise1, p.jpeg1.quality),
-            (preset.second, p.resize2, p.noise2, p.jpeg_final.quality),
-        ):
-            lo, hi = order.resize_range
-            assert {"up": 1 <= rs.scale <= hi, "down": lo <= rs.scale <= 1, "keep": rs.scale == 1}[rs.mode]
-            seen[rs.mode] += 1
-            seen[rs.interp] += 1
-            if noise.kind == "gaussian":
-                assert order.noise_range[0] <= noise.sigma <= order.noise_range[1] and noise.scale is None
-            else:
-                assert order.poisson_scale_range[0] <= noise.scale <= order.poisson_scale_range[1]
-            seen[noise.kind] += 1
-            seen[f"gray={noise.gray}"] += 1
-            assert isinstance(jpeg_q, int) and order.jpeg_range[0] <= jpeg_q <= order.jpeg_range[1]
-        seen[p.final.order] += 1
-        if p.final.sinc is None:
-            seen["final_sinc_skipped"] += 1
-        else:
-            assert 7 <= p.final.sinc.size <= 21 and math.pi / 3 <= p.final.sinc.omega <= math.pi
-    assert set(kinds1) == set(KERNEL_KINDS) and set(kinds2) == set(KERNEL_KINDS)
-    for key in ("up", "down", "keep", "area", "bilinear", "bicubic", "gaussian", "poisson", "gray=True"):
-        assert seen[key] > 0, key
-    assert abs(seen["blur2_skipped"] / n - (1 - preset.second.blur_prob)) < 0.04
-    assert abs(seen["final_sinc_skipped"] / n - (1 - preset.final_sinc_prob)) < 0.04
-    assert abs(seen["resize_sinc_jpeg"] / n - 0.5) < 0.04
-    assert abs(kinds1["sinc"] / n - preset.first.sinc_prob) < 0.03
-    assert abs(kinds1["iso"] / n - 0.9 * preset.first.kernel_prob[0]) < 0.04
-    assert abs(seen["gray=True"] / (2 * n) - preset.first.gray_noise_prob) < 0.04
-
-
-def test_record_uses_design_field_names_and_plain_json_types():
-    rng = np.random.default_rng(5)
-    records = [sample_params("realesrgan", rng).to_record() for _ in range(300)]
-    for rec in records:
-        assert tuple(rec) == RECORD_FIELDS
-        for name in ("blur1", "blur2", "final"):
-            kernel = rec[name]["sinc"] if name == "final" else rec[name]
-            assert kernel is None or set(kernel) == KERNEL_FIELDS
-        for name in ("resize1", "resize2"):
-            assert set(rec[name]) == {"mode", "scale", "interp"}
-        for name in ("noise1", "noise2"):
-            assert set(rec[name]) == {"kind", "gray", "sigma", "scale"}
-        assert set(rec["jpeg1"]) == set(rec["jpeg_final"]) == {"quality"}
-        assert set(rec["final"]) == {"order", "sinc", "interp"}
-        assert json.loads(json.dumps(rec)) == rec  # plain types only: no numpy scalars, no tuples
-        assert DegradationParams.from_record(json.loads(json.dumps(rec))).to_record() == rec
-    assert any(r["blur2"] is None for r in records) and any(r["final"]["sinc"] is None for r in records)
-    with pytest.raises(ValueError, match="extra"):
-        DegradationParams.from_record({**records[0], "blur3": None})
-
-
 # ---------------------------------------------------------------------------------- degrade + stage
 
 
@@ -264,7 +141,8 @@ def test_record_uses_design_field_names_and_plain_json_types():
 def test_output_shape_and_dtype(photo, scale, shape):
     hr = np.ascontiguousarray(photo[: shape[0], : shape[1]])
     for seed in range(6):
-        lr, _ = synthesize(hr, "realesrgan", seed, scale)
+        target, lr, _ = synthesize(hr, "realesrgan", seed, scale)
+        assert target.shape == hr.shape and target.dtype == np.uint8
         assert lr.dtype == np.uint8 and lr.shape == (shape[0] // scale, shape[1] // scale, 3)
 
 
@@ -290,7 +168,7 @@ def test_resynthesis_from_json_record_is_exact(photo, preset):
     hrs = crops(photo, 8)
     out = stage(preset=preset)({"key": np.asarray([f"k{i}" for i in range(8)], dtype=object), "hr": np.stack(hrs)})
     other_noise = []
-    for hr, lr, seed, text in zip(hrs, out["lr"], out["seed"], out["degradation"], strict=True):
+    for hr, lr, seed, text in zip(out["hr"], out["lr"], out["seed"], out["degradation"], strict=True):
         record = json.loads(text)
         assert record["preset"] == preset
         assert np.array_equal(resynthesize(hr, json.loads(json.dumps(record)), int(seed), 4), lr)
@@ -315,6 +193,63 @@ def test_bad_rows_become_error_rows_without_stopping_the_batch(photo):
     assert list(out["source"]) == ["g.jpg", "h.png", "s.png"]  # other columns pass through
     assert out["lr"].shape == (3, 32, 32, 3) and not out["lr"][1:].any() and out["lr"][0].any()
     assert json.loads(out["degradation"][0])["preset"] == "xpsr" and out["degradation"][2] == "null"
+
+
+# ------------------------------------------------------------------------------------------- USM
+
+
+def basicsr_usm_sharp(img, weight=0.5, radius=50, threshold=10):
+    """BasicSR v1.4.2 ``basicsr/utils/img_process_util.py::usm_sharp``, transcribed line by line."""
+    if radius % 2 == 0:
+        radius += 1
+    blur = cv2.GaussianBlur(img, (radius, radius), 0)
+    residual = img - blur
+    mask = np.abs(residual) * 255 > threshold
+    mask = mask.astype("float32")
+    soft_mask = cv2.GaussianBlur(mask, (radius, radius), 0)
+
+    sharp = img + weight * residual
+    sharp = np.clip(sharp, 0, 1)
+    return soft_mask * sharp + (1 - soft_mask) * img
+
+
+def xpsr_hr(crop: np.ndarray) -> np.ndarray:
+    """The HR XPSR writes: USM of the crop (BGR float [0, 1], as BasicSR reads it), ``cv2.imwrite(255 * gt)``."""
+    gt = basicsr_usm_sharp(crop[..., ::-1].astype(np.float32) / 255.0)
+    return np.clip(np.rint(255 * gt), 0, 255).astype(np.uint8)[..., ::-1]  # imwrite's saturate_cast rounds
+
+
+def test_usm_sharp_equals_basicsr(photo):
+    from spasem.degrade.ops import usm_sharp
+
+    for img in (photo, photo[37:300, 5:180]):
+        unit = np.ascontiguousarray(img[..., ::-1]).astype(np.float32) / 255
+        ref = basicsr_usm_sharp(unit)
+        assert np.abs(usm_sharp(unit) - ref).max() < 1e-6
+        assert np.abs(ref - unit).max() > 0.05  # it does sharpen
+    unit = photo[:96, :96].astype(np.float32) / 255
+    assert np.abs(usm_sharp(unit, 0.8, 20, 4) - basicsr_usm_sharp(unit, 0.8, 20, 4)).max() < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (96, 160), (160, 96)])
+def test_stored_hr_is_the_usm_sharpened_crop_and_the_lr_is_made_from_it(photo, shape):
+    """A one-row batch, square or not: ``hr`` becomes BasicSR's usm_sharp of the crop, rounded as XPSR saves it."""
+    crop = np.ascontiguousarray(photo[100 : 100 + shape[0], 50 : 50 + shape[1]])
+    out = stage()({"key": object_array(["one_000"]), "hr": crop[None]})
+    hr, lr = out["hr"][0], out["lr"][0]
+    assert hr.shape == crop.shape and lr.shape == (shape[0] // 4, shape[1] // 4, 3)
+    diff = np.abs(hr.astype(int) - xpsr_hr(crop).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-4  # float32 rounding may flip a .5 now and then
+    assert not np.array_equal(hr, crop)
+    record = json.loads(out["degradation"][0])
+    assert record["usm"] == {"weight": 0.5, "radius": 50, "threshold": 10.0}
+    assert np.array_equal(resynthesize(hr, record, int(out["seed"][0]), 4), lr)
+    plain = stage(usm=False)({"key": object_array(["one_000"]), "hr": crop[None]})
+    assert np.array_equal(plain["hr"][0], crop) and json.loads(plain["degradation"][0])["usm"] is None
+    # the switch draws nothing: the other parameters of the sample stay the same
+    assert {**json.loads(plain["degradation"][0]), "usm": None} == {**record, "usm": None}
+    assert np.array_equal(sharpen(crop, None), crop)
+    assert np.array_equal(sharpen(crop, UsmParams()), hr)
 
 
 @pytest.mark.slow

@@ -67,7 +67,12 @@ class DataConfig(Section):
 
 
 class DegradationConfig(Section):
-    preset: Literal["xpsr", "realesrgan"] = "xpsr"
+    preset: Literal["xpsr", "realesrgan", "stablesr"] = Field(
+        "xpsr", description="xpsr: XPSR's make_train.py (x4plus ranges); realesrgan: x4plus; stablesr: StableSR's milder set"
+    )
+    usm: bool | None = Field(
+        None, description="USM-sharpen the HR crop before degrading and store it as hr.png (default: the preset's: on)"
+    )
 
 
 class PrepareConfig(Section):

@@ -1,4 +1,8 @@
-"""The Real-ESRGAN second-order degradation chain, seeded per sample: HR -> LR plus its parameters.
+"""The Real-ESRGAN second-order degradation chain, seeded per sample: crop -> (HR target, LR, parameters).
+
+The HR target is the crop sharpened by unsharp masking when the record's ``usm`` says so (XPSR,
+Real-ESRGAN and StableSR all degrade and train on the USM of the crop), rounded to uint8 as it is
+stored; the LR is degraded from that stored HR, so HR + record + seed rebuild it exactly.
 
 Seeding: each sample's seed is ``sample_seed(data.seed, key)``, a blake2b hash (the same in every
 process, unlike ``hash()``). Parameters are drawn from ``np.random.default_rng([seed, 0])`` and the
@@ -24,8 +28,9 @@ from spasem.degrade.ops import (
     resize,
     uint8_to_unit,
     unit_to_uint8,
+    usm_sharp,
 )
-from spasem.degrade.params import DegradationParams, KernelParams, sample_params
+from spasem.degrade.params import DegradationParams, KernelParams, UsmParams, sample_params
 
 PARAMS_STREAM, NOISE_STREAM = 0, 1
 
@@ -93,12 +98,27 @@ def degrade(hr: np.ndarray, params: DegradationParams, rng: np.random.Generator,
     return cv2.cvtColor(unit_to_uint8(out), cv2.COLOR_BGR2RGB)
 
 
-def synthesize(hr: np.ndarray, preset: str, seed: int, scale: int) -> tuple[np.ndarray, DegradationParams]:
-    """Sample parameters from ``seed`` and degrade: the LR and its parameters."""
-    params = sample_params(preset, params_rng(seed))
-    return degrade(hr, params, noise_rng(seed), scale), params
+def sharpen(crop: np.ndarray, usm: UsmParams | None) -> np.ndarray:
+    """The HR target of an RGB uint8 crop: BasicSR's ``usm_sharp`` rounded to uint8, or the crop itself."""
+    if usm is None:
+        return crop
+    if crop.dtype != np.uint8 or crop.ndim != 3 or crop.shape[2] != 3:
+        raise ValueError(f"expected an RGB uint8 image HxWx3, got {crop.dtype} {crop.shape}")
+    # per-channel maths, so RGB needs no conversion; rounding as XPSR's cv2.imwrite of 255 * gt
+    return unit_to_uint8(usm_sharp(uint8_to_unit(crop), usm.weight, usm.radius, usm.threshold))
+
+
+def synthesize(crop: np.ndarray, preset: str, seed: int, scale: int, usm: bool | None = None
+               ) -> tuple[np.ndarray, np.ndarray, DegradationParams]:
+    """Sample parameters from ``seed``, sharpen and degrade: the HR target, the LR and the parameters.
+
+    ``usm``: ``degradation.usm`` (None: the preset's sharpening, False: the crop is the target).
+    """
+    params = sample_params(preset, params_rng(seed), usm)
+    hr = sharpen(crop, params.usm)
+    return hr, degrade(hr, params, noise_rng(seed), scale), params
 
 
 def resynthesize(hr: np.ndarray, record: dict[str, Any], seed: int, scale: int) -> np.ndarray:
-    """Rebuild the LR of a sample from its HR, its ``degradation`` record and its ``seed``."""
+    """Rebuild the LR of a sample from its stored HR (already sharpened), ``degradation`` record and ``seed``."""
     return degrade(hr, DegradationParams.from_record(record), noise_rng(seed), scale)

@@ -21,7 +21,7 @@ RESIZE_MODES = ("up", "down", "keep")
 INTERPOLATIONS = ("area", "bilinear", "bicubic")
 FINAL_ORDERS = ("resize_sinc_jpeg", "jpeg_resize_sinc")
 RECORD_FIELDS = (
-    "preset", "blur1", "resize1", "noise1", "jpeg1", "blur2", "resize2", "noise2", "final", "jpeg_final",
+    "preset", "blur1", "resize1", "noise1", "jpeg1", "blur2", "resize2", "noise2", "final", "jpeg_final", "usm",
 )
 
 
@@ -29,7 +29,9 @@ RECORD_FIELDS = (
 class OrderParams:
     """The ranges of one order (first or second) of the degradation."""
 
-    kernel_size: int  # largest blur kernel; sizes are drawn from the odd numbers 7..kernel_size
+    # largest blur kernel; sizes are drawn from the odd numbers 7..kernel_size. BasicSR draws 7..21 in
+    # both orders whatever ``blur_kernel_size2`` says (it reads the key and never uses it)
+    kernel_size: int
     kernel_prob: tuple[float, ...]  # over spasem.degrade.kernels.GAUSSIAN_KINDS
     sinc_prob: float
     blur_sigma: tuple[float, float]
@@ -46,41 +48,56 @@ class OrderParams:
 
 
 @dataclass(frozen=True)
+class UsmParams:
+    """Unsharp masking of the HR crop before it is degraded (BasicSR ``usm_sharp`` / ``USMSharp``)."""
+
+    weight: float = 0.5
+    radius: int = 50  # BasicSR makes it odd: a 51-tap Gaussian, sigma 8 by OpenCV's rule
+    threshold: float = 10.0  # on |image - blur| in 0..255 units
+
+
+@dataclass(frozen=True)
 class Preset:
-    """A named parameter set: the two orders plus the final sinc."""
+    """A named parameter set: the two orders, the final sinc and the sharpening of the target."""
 
     name: str
     first: OrderParams
     second: OrderParams
     final_sinc_prob: float = 0.8
     final_sinc_size: int = 21
+    usm: UsmParams | None = UsmParams()
 
 
 _KERNEL_PROB = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
 
-# Real-ESRGAN options/train_realesrgan_x4plus.yml
-_REALESRGAN_FIRST = OrderParams(
+# xinntao/Real-ESRGAN options/train_realesrgan_x4plus.yml; qyp2000/XPSR utils_data/make_train.py
+# hard-codes the same numbers (its ``blur_kernel_size2 = 11`` is never read)
+_X4PLUS_FIRST = OrderParams(
     kernel_size=21, kernel_prob=_KERNEL_PROB, sinc_prob=0.1, blur_sigma=(0.2, 3.0), betag_range=(0.5, 4.0),
     betap_range=(1.0, 2.0), resize_prob=(0.2, 0.7, 0.1), resize_range=(0.15, 1.5), gaussian_noise_prob=0.5,
     noise_range=(1.0, 30.0), poisson_scale_range=(0.05, 3.0), gray_noise_prob=0.4, jpeg_range=(30, 95),
 )
-_REALESRGAN_SECOND = replace(
-    _REALESRGAN_FIRST, blur_sigma=(0.2, 1.5), resize_prob=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2),
+_X4PLUS_SECOND = replace(
+    _X4PLUS_FIRST, blur_sigma=(0.2, 1.5), resize_prob=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2),
     noise_range=(1.0, 25.0), poisson_scale_range=(0.05, 2.5), blur_prob=0.8,
 )
-# the milder set of SeeSR / PASD / XPSR (their realesrgan degradation configs)
-_XPSR_FIRST = replace(
-    _REALESRGAN_FIRST, blur_sigma=(0.2, 1.5), betag_range=(0.5, 2.0), betap_range=(1.0, 1.5),
+# IceClear/StableSR configs/stableSRNew/v2-finetune_text_T_512.yaml: the milder set (an earlier
+# version of this file called it "xpsr"); kernel sizes 7..21 in both orders, as BasicSR draws them
+_STABLESR_FIRST = replace(
+    _X4PLUS_FIRST, blur_sigma=(0.2, 1.5), betag_range=(0.5, 2.0), betap_range=(1.0, 1.5),
     resize_range=(0.3, 1.5), noise_range=(1.0, 15.0), poisson_scale_range=(0.05, 2.0), jpeg_range=(60, 95),
 )
-_XPSR_SECOND = replace(
-    _REALESRGAN_SECOND, kernel_size=11, blur_sigma=(0.2, 1.0), betag_range=(0.5, 2.0), betap_range=(1.0, 1.5),
+_STABLESR_SECOND = replace(
+    _X4PLUS_SECOND, blur_sigma=(0.2, 1.0), betag_range=(0.5, 2.0), betap_range=(1.0, 1.5),
     resize_range=(0.6, 1.2), noise_range=(1.0, 12.0), poisson_scale_range=(0.05, 1.0), jpeg_range=(60, 100),
     blur_prob=0.5,
 )
+# every recipe sharpens the target: Real-ESRGAN degrades ``gt_usm``; XPSR (``use_usm=True``) and
+# StableSR (``use_usm: True``) replace the GT by its USM before degrading and train on it
 PRESETS: dict[str, Preset] = {
-    "realesrgan": Preset("realesrgan", _REALESRGAN_FIRST, _REALESRGAN_SECOND),
-    "xpsr": Preset("xpsr", _XPSR_FIRST, _XPSR_SECOND),
+    "xpsr": Preset("xpsr", _X4PLUS_FIRST, _X4PLUS_SECOND),
+    "realesrgan": Preset("realesrgan", _X4PLUS_FIRST, _X4PLUS_SECOND),
+    "stablesr": Preset("stablesr", _STABLESR_FIRST, _STABLESR_SECOND),
 }
 
 
@@ -149,6 +166,7 @@ class DegradationParams:
     noise2: NoiseParams
     final: FinalParams
     jpeg_final: JpegParams
+    usm: UsmParams | None = None  # how the stored HR was sharpened from the crop; None: not at all
 
     def to_record(self) -> dict[str, Any]:
         """The JSON-ready record of DESIGN.md (plain floats/ints/bools/str/None)."""
@@ -156,10 +174,18 @@ class DegradationParams:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> DegradationParams:
-        """Rebuild from a record (e.g. after a JSON round trip); unknown or missing fields are errors."""
-        if set(record) != set(RECORD_FIELDS):
-            extra, missing = sorted(set(record) - set(RECORD_FIELDS)), sorted(set(RECORD_FIELDS) - set(record))
-            raise ValueError(f"degradation record fields differ from DESIGN.md: extra {extra}, missing {missing}")
+        """Rebuild from a record (e.g. after a JSON round trip).
+
+        A record without ``usm`` comes from shards made before sharpening existed: their HR was not
+        sharpened (and their ``xpsr`` meant the set now called ``stablesr``; every parameter is in the
+        record, so they re-synthesize all the same). Other unknown or missing fields are errors: a
+        field this code does not know may change the LR, so it cannot rebuild it.
+        """
+        extra = sorted(set(record) - set(RECORD_FIELDS))
+        missing = sorted(set(RECORD_FIELDS) - set(record) - {"usm"})
+        if extra or missing:
+            raise ValueError(f"degradation record fields differ from DESIGN.md: extra {extra}, missing {missing}; "
+                             "a record written by a newer version needs that version to re-synthesize it")
         if record["preset"] not in PRESETS:
             raise ValueError(f"unknown degradation preset {record['preset']!r}; expected one of {sorted(PRESETS)}")
         final = dict(record["final"])
@@ -175,6 +201,7 @@ class DegradationParams:
             noise2=NoiseParams(**record["noise2"]),
             final=FinalParams(**final),
             jpeg_final=JpegParams(**record["jpeg_final"]),
+            usm=UsmParams(**record["usm"]) if record.get("usm") is not None else None,
         )
 
 
@@ -271,8 +298,19 @@ def sample_jpeg(rng: np.random.Generator, jpeg_range: tuple[int, int]) -> JpegPa
     return JpegParams(quality=int(rng.integers(jpeg_range[0], jpeg_range[1] + 1)))
 
 
-def sample_params(preset: str, rng: np.random.Generator) -> DegradationParams:
-    """Draw every parameter of one second-order degradation from ``rng``."""
+def preset_usm(preset: str, usm: bool | None = None) -> UsmParams | None:
+    """The sharpening a sample gets: the preset's (``usm`` None), BasicSR's defaults (True), none (False)."""
+    if usm is None:
+        return PRESETS[preset].usm
+    return (PRESETS[preset].usm or UsmParams()) if usm else None
+
+
+def sample_params(preset: str, rng: np.random.Generator, usm: bool | None = None) -> DegradationParams:
+    """Draw every parameter of one second-order degradation from ``rng``.
+
+    ``usm`` (``degradation.usm``) switches the sharpening of the target; it draws nothing from
+    ``rng``, so the other parameters of a sample are the same with or without it.
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown degradation preset {preset!r}; expected one of {sorted(PRESETS)}")
     p = PRESETS[preset]
@@ -289,4 +327,5 @@ def sample_params(preset: str, rng: np.random.Generator) -> DegradationParams:
     return DegradationParams(
         preset=preset, blur1=blur1, resize1=resize1, noise1=noise1, jpeg1=jpeg1, blur2=blur2,
         resize2=resize2, noise2=noise2, final=final, jpeg_final=sample_jpeg(rng, second.jpeg_range),
+        usm=preset_usm(preset, usm),
     )
