@@ -3,7 +3,7 @@
 1. Parameter counts (trainable / frozen) of the SD 1.5 and SD 2.1 architectures, built with random
    weights on the meta device from ``configs/models/*.json`` (no download, no memory), for each
    fusion / attention variant, with the trainable part split into the ControlNet branch and the
-   new layers.
+   new layers (XPSR's DFC heads, ``model.dfc: xpsr``, counted on their own).
 2. One training step's forward + backward (``SRObjective``: frozen UNet/VAE, trainable ControlNet,
    every loss on, members as a shard provides them) at ``--size`` (512) HR:
    - default: the tiny profile on CPU, float32; peak memory is the process's resident-set growth
@@ -31,10 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from spasem.config.model import LossConfig, ModelConfig  # noqa: E402
+from spasem.model.attention import is_new_layer  # noqa: E402
 from spasem.model.controlnet import SpatialSemanticControlNet  # noqa: E402
 from spasem.profiles.real_size import build_from_config  # noqa: E402
 
-VARIANTS = [("gated", "standard"), ("attention", "standard"), ("gated", "lgcaa")]
+VARIANTS = [("gated", "standard"), ("attention", "standard"), ("gated", "lgcaa"), ("sfa", "standard")]
 ENCODERS = {"clip": "clip-vit-large-patch14", "dino": "dinov2-base"}
 
 
@@ -61,7 +62,8 @@ def controlnet_for(parts: dict, fusion: str, attention: str, device: str) -> Spa
 
 def parameter_counts(archs: list[str]) -> None:
     print("== parameters (millions), random weights from configs/models ==")
-    print(f"{'arch':6s} {'fusion/attention':20s} {'trainable':>10s} {'branch':>9s} {'new':>8s} {'frozen':>9s}  frozen parts")
+    print(f"{'arch':6s} {'fusion/attention':20s} {'trainable':>10s} {'branch':>9s} {'new':>8s} {'dfc':>6s} {'frozen':>9s}"
+          "  frozen parts")
     for arch in archs:
         parts = real_parts(arch, torch.float32, "meta")
         frozen = sum(millions(m) for m in parts.values())
@@ -70,8 +72,10 @@ def parameter_counts(archs: list[str]) -> None:
             model = controlnet_for(parts, fusion, attention, "meta")
             total = millions(model)
             new = total - millions(p for n, p in model.named_parameters()
-                                   if n.startswith("branch.") and ".processor." not in n)
-            print(f"{arch:6s} {fusion + '/' + attention:20s} {total:10.1f} {total - new:9.1f} {new:8.1f} {frozen:9.1f}  {detail}")
+                                   if n.startswith("branch.") and not is_new_layer(n))
+            dfc = millions(model.dfc_heads)
+            print(f"{arch:6s} {fusion + '/' + attention:20s} {total:10.1f} {total - new:9.1f} {new:8.1f} {dfc:6.2f} "
+                  f"{frozen:9.1f}  {detail}")
 
 
 class PeakRSS:
