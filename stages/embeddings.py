@@ -39,9 +39,9 @@ class Embedder(AnnotationStage):
             self.encoders.dino = torch.compile(self.encoders.dino)
 
     def process(self, batch: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
-        images = [np.asarray(batch["lr"][i], np.uint8) for i in rows]
-        if "hr" in batch:  # one pass per encoder for LR and HR: the processors resize both to one size
-            images += [np.asarray(batch["hr"][i], np.uint8) for i in rows]
+        images = list(np.asarray(batch["lr"])[rows])
+        if "hr" in batch:  # one pass per encoder for LR and HR: the transforms resize both to one size
+            images += list(np.asarray(batch["hr"])[rows])
         feats = self.encoders.encode(images)
         n = len(rows)
         # one device-to-host copy per output, not one per row

@@ -52,7 +52,7 @@ class Encoder(AnnotationStage):
         text = torch.stack([states[: len(rows)], states[len(rows) :]], dim=1).numpy().astype(np.float16)
         out = [{"text": text[n]} for n in range(len(rows))]
         if "hr" in batch:
-            pixels = images_to_tensor([np.asarray(batch["hr"][i], np.uint8) for i in rows])
+            pixels = images_to_tensor(np.asarray(batch["hr"])[rows], self.vae.device)
             latent = vae_posterior(self.vae, pixels).float().cpu().numpy().astype(np.float16)
             for n, row in enumerate(out):
                 row["latent"] = latent[n]

@@ -126,3 +126,19 @@ def test_refuses_what_it_cannot_reproduce(photos):
 
     with pytest.raises(ValueError, match="OtherImageProcessor"):
         ImageTransform.from_processor(OtherImageProcessor())
+
+
+def test_image_encoders_features_match_the_processor_path(tiny, photos):
+    """The embeddings stage's features with the torch transforms equal those through the processors."""
+    from spasem.encoders import ImageEncoders
+
+    encoders = ImageEncoders.load(tiny["clip_vision"], tiny["dinov2"])
+    images = photos[(128, 128)] + photos[(512, 512)]  # LR and HR in one pass, as the stage sends them
+    ours = encoders.encode(images)
+    encoders.use_processors = True
+    ref = encoders.encode(images)
+    for name, value in ours.items():
+        assert value.shape == ref[name].shape
+        torch.testing.assert_close(value, ref[name], atol=0.05, rtol=0.05)
+        cos = torch.nn.functional.cosine_similarity(value.flatten(1), ref[name].flatten(1))
+        assert cos.min() > 0.999, name
