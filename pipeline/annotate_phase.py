@@ -113,16 +113,11 @@ def stage_kwargs(cfg: Config, name: str, paths: dict[str, str]) -> dict[str, Any
 
 
 def stage_ids(cfg: Config, names: list[str]) -> dict[str, str]:
-    """Stage name -> the model id recorded in markers and members (never a local cache path)."""
-    from spasem.profiles import model_id
+    """Stage name -> the model id recorded in markers and members (never a local cache path), and the
+    profile, so a marker says outright when the toy models made it."""
+    from spasem.profiles import stage_model_ids
 
-    ids = {
-        "captions": lambda: model_id(cfg.models, "llava"),
-        "grounding": lambda: model_id(cfg.models, "grounding_dino"),
-        "embeddings": lambda: f"{model_id(cfg.models, 'clip_vision')}+{model_id(cfg.models, 'dinov2')}",
-        "encode": lambda: model_id(cfg.models, "sd"),
-    }
-    return {name: ids[name]() for name in names}
+    return {**stage_model_ids(cfg.models, names), "profile": cfg.models.profile}
 
 
 def annotate_dataset(ds, cfg: Config, names: list[str], paths: dict[str, str], whole_blocks: bool = True):

@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline.shard_phase import plan_shards, run_shard_phase
 from spasem.config import Config, ConfigError, build_parser, config_to_yaml, parse_cli, sample_photos
+from spasem.profiles import announce_tiny
 from spasem.shards import PAIRS_DIR, done_indices, load_marker
 from spasem.storage import Store
 from stages.runtime import init_ray
@@ -59,6 +60,7 @@ def _stage_throughput(results: list[dict[str, Any]]) -> dict[str, dict[str, floa
 
 def run_prepare(cfg: Config) -> dict[str, Any]:
     """Run the configured phases and write ``OUT/config.yaml`` and ``OUT/summary.json``."""
+    announce_tiny(cfg.models, cfg.input, "pipeline.prepare")
     out = cfg.storage.open(cfg.output)
     out.write("config.yaml", config_to_yaml(cfg).encode())
     init_ray(cfg.ray, cfg.prepare.progress)

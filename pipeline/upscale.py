@@ -27,6 +27,7 @@ from spasem.config import (
     parse_cli,
     sample_photos,
 )
+from spasem.profiles import announce_tiny
 from spasem.storage import Store
 from stages.read import reject_reason
 from stages.runtime import init_ray
@@ -133,6 +134,7 @@ def run_upscale(cfg: Config) -> dict[str, Any]:
     """Upscale every pending input of ``cfg.input`` into ``cfg.output``; writes config.yaml and summary.json."""
     from pipeline.upscale_model import resolve_model
 
+    announce_tiny(cfg.models, cfg.input, "pipeline.upscale")
     start = time.time()
     inp = cfg.storage.open(cfg.input)
     out = cfg.storage.open(cfg.output)

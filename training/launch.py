@@ -74,8 +74,10 @@ def run_training(cfg: Config) -> dict[str, Any]:
     log.info("%d training shards (%d samples), %d held out; %d steps per epoch; members: %s",
              len(plan.shards), sum(s.count for s in plan.shards), len(plan.val), per_epoch,
              ", ".join(plan.members) or "images only (the rest is computed online)")
-    from spasem.profiles import resolve_models
+    from spasem.profiles import announce_tiny, check_shard_models, prepared_from, resolve_models
 
+    check_shard_models(cfg.storage.open(cfg.input), cfg.models)  # shards annotated by other models: refused
+    announce_tiny(cfg.models, prepared_from(cfg.input, cfg.storage), "training.launch")
     paths = resolve_models(cfg.models, ("sd", "clip_vision", "dinov2"))  # the frozen models training loads
     run = cfg.storage.open(cfg.output)
     run.write("config.yaml", config_to_yaml(cfg).encode())

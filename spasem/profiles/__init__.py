@@ -5,19 +5,31 @@ tiny versions of every model from the real config classes, deterministically, on
 ``models.cache_dir/tiny/<name>`` with ``save_pretrained``; from then on stages load them by path with
 exactly the code that loads real weights. A file lock and a completion marker per model make
 concurrent Ray actors build each model once.
+
+No silent toy models: every entry point announces the tiny profile (a warning) unless it runs on the
+bundled sample photos, annotated markers record ``profile`` beside the model ids, and training refuses
+shards made with other models than its config names (``check_shard_models``).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
+import os
+import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
 from filelock import FileLock
 
+from spasem.config import ConfigError, StorageConfig, sample_photos
 from spasem.config.annotate import ModelsConfig
+from spasem.shards import FINAL_DIR, PAIRS_DIR, shard_folder
+from spasem.storage import Store
 
 log = logging.getLogger(__name__)
 MODEL_NAMES = ("llava", "grounding_dino", "clip_vision", "dinov2", "sd")
@@ -74,3 +86,73 @@ def model_id(cfg: ModelsConfig, name: str) -> str:
     if name not in MODEL_NAMES:
         raise KeyError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
     return f"tiny-v{TINY_VERSION}/{name}" if cfg.profile == "tiny" else str(getattr(cfg, name))
+
+
+# -- no silent toy models ------------------------------------------------------------------------------
+# the models behind each annotation stage, as the stage ids in shard markers name them
+ANNOTATION_MODELS = {"captions": ("llava",), "grounding": ("grounding_dino",),
+                     "embeddings": ("clip_vision", "dinov2"), "encode": ("sd",)}
+TINY_WARNING = ("%s: models.profile=tiny: captions, boxes, features and outputs come from random-init TOY models "
+                "built for tests and the demo, not from real weights; for real data pass --config "
+                "configs/sd15.yaml (or another real profile)")
+
+
+def stage_model_ids(cfg: ModelsConfig, names: Iterable[str]) -> dict[str, str]:
+    """Annotation stage -> the model id its markers and members record (``+`` joins a stage's models)."""
+    return {name: "+".join(model_id(cfg, m) for m in ANNOTATION_MODELS[name]) for name in names}
+
+
+def _same_folder(a: str, b: str) -> bool:
+    return "://" not in a and os.path.realpath(os.path.expanduser(a)) == os.path.realpath(b)
+
+
+def announce_tiny(cfg: ModelsConfig, source: str | None, entry: str) -> bool:
+    """Log a warning when the tiny profile runs on anything but the bundled sample photos (``source``: the
+    photos the run's input came from, None when unknown). Returns whether it warned."""
+    if cfg.profile != "tiny" or (source is not None and _same_folder(source, sample_photos())):
+        return False
+    log.warning(TINY_WARNING, entry)
+    return True
+
+
+def prepared_from(uri: str, storage: StorageConfig) -> str | None:
+    """The photos a prepare output was made from: the ``input`` of its config.yaml (``uri`` may be the output
+    or its shards folder), or None when there is none."""
+    uri = uri.rstrip("/")
+    for folder in (uri, *(uri[: -len(sub)] for sub in (f"/{FINAL_DIR}", f"/{PAIRS_DIR}") if uri.endswith(sub))):
+        try:
+            found = yaml.safe_load(storage.open(folder).read("config.yaml"))
+        except (OSError, yaml.YAMLError):  # FileNotFoundError included
+            continue
+        return found.get("input") if isinstance(found, dict) else None
+    return None
+
+
+def check_shard_models(store: Store, cfg: ModelsConfig) -> dict[str, str]:
+    """Refuse shards whose markers name annotation models that differ between shards or from ``cfg``'s,
+    naming both; returns the stage -> model id the shards agree on."""
+    folder, _ = shard_folder(store)
+    names = sorted(m for m in folder.list((".json",)) if re.fullmatch(r"shard-\d{6,}\.json", m))
+    with ThreadPoolExecutor(16) as pool:  # one small GET per shard; thousands of them on S3
+        markers = list(pool.map(lambda m: json.loads(folder.read(m)), names))
+    seen: dict[str, dict[str, str]] = {}  # stage -> model id -> the first shard that has it
+    for name, marker in zip(names, markers, strict=True):
+        for stage, mid in marker.get("stages", {}).items():
+            if stage in ANNOTATION_MODELS:
+                seen.setdefault(stage, {}).setdefault(mid, folder.url(name))
+    expected = stage_model_ids(cfg, seen)
+    problems = []
+    for stage, ids in sorted(seen.items()):
+        keys = " + ".join(f"models.{m}" for m in ANNOTATION_MODELS[stage])
+        if len(ids) > 1:
+            problems.append(f"{stage}: the shards disagree: " + ", ".join(f"{i!r} ({w})" for i, w in ids.items()))
+        elif expected[stage] not in ids:
+            ((mid, where),) = ids.items()
+            problems.append(f"{stage}: the shards were made with {mid!r} ({where}), this config names "
+                            f"{expected[stage]!r} ({keys}, profile {cfg.profile!r})")
+    if problems:
+        raise ConfigError(
+            f"the shards under {store.uri} do not match the models of this run:\n  " + "\n  ".join(problems)
+            + "\nTrain with the config the shards were prepared with (their config.yaml), or prepare them again "
+              "with this one.")
+    return {stage: next(iter(ids)) for stage, ids in seen.items()}
