@@ -6,37 +6,39 @@ Components: the frozen SD parts (``vae``, ``text_encoder``, ``tokenizer``, ``une
 diffusers' folder layout; ``from_pretrained`` loads them back.
 
 Classifier-free guidance follows XPSR: the unconditional stream replaces the high-level caption by
-the negative prompt and keeps the low-level caption, grounding and visual tokens.
+the negative prompt and keeps the grounding and visual tokens; its low-level caption is
+``negative_prompt_low`` when given (XPSR's pipeline hard-codes "high resolution, best quality, clear"),
+else the image's own.
 
-Tiled inference (``pipeline.upscale``) uses the two halves separately: ``encode_conditioning`` once
-per image, then ``predict_noise`` per latent tile and step.
+``__call__`` samples as XPSR's pipeline does: the LR's latent (VAE encode of the bicubic upsample)
+noised to the first timestep, then the whole schedule; and it tiles with the batch upscaler's code
+(``spasem.model.tiled_diffusion.TiledUpscaler``), so any image size runs at the memory of one tile.
+The sampler uses the two halves below: ``encode_conditioning`` per tile batch, ``predict_noise`` per
+latent tile and step.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils.torch_utils import randn_tensor
 
+from spasem.config.upscale import NEGATIVE_PROMPT, UpscaleConfig
 from spasem.encoders import ImageEncoders, encode_phrases, encode_prompts, load_text_encoder
 from spasem.model.controlnet import SpatialSemanticControlNet, controlled_unet
 from spasem.model.latents import decode_latents
-from spasem.pixels import hwc_to_signed
-
-NEGATIVE_PROMPT = "blurry, dotted, noise, unclear, low-res, over-smoothed"
+from spasem.model.tiled_diffusion import TiledUpscaler, padded_latent_size
 
 
 @dataclass
 class Conditioning:
-    """Per-image conditioning tensors; ``negative_text`` is the unconditional stream's high caption."""
+    """Per-image conditioning tensors; ``negative_text`` (``negative_low``) is the unconditional stream's
+    high (low) caption."""
 
     text_high: torch.Tensor
     text_low: torch.Tensor
@@ -46,6 +48,7 @@ class Conditioning:
     clip_tokens: torch.Tensor
     dino_tokens: torch.Tensor
     negative_text: torch.Tensor | None = None
+    negative_low: torch.Tensor | None = None
 
     def repeat_to(self, n: int) -> Conditioning:
         """Each image's tensors repeated so the batch holds ``n`` rows (e.g. several tiles per image)."""
@@ -88,7 +91,8 @@ class SpatialSemanticSRPipeline(DiffusionPipeline):
     @torch.no_grad()
     def encode_conditioning(self, lr_images: np.ndarray, prompts_high: list[str], prompts_low: list[str],
                             phrases: list[list[str]] | None = None, boxes: list | None = None,
-                            negative_prompt: str = NEGATIVE_PROMPT, do_cfg: bool = True) -> Conditioning:
+                            negative_prompt: str = NEGATIVE_PROMPT, do_cfg: bool = True,
+                            negative_prompt_low: str | None = None) -> Conditioning:
         """Text, grounding and visual conditioning of ``B`` LR images (uint8 ``[B,h,w,3]``)."""
         lr_images = _lr_array(lr_images)
         b, k = lr_images.shape[0], self.controlnet.config.max_boxes
@@ -108,8 +112,9 @@ class SpatialSemanticSRPipeline(DiffusionPipeline):
         encoders = ImageEncoders(self.clip_vision, self.clip_processor, self.dino, self.dino_processor)
         feats = encoders.encode(lr_images)
         negative = encode_prompts(tok, te, [negative_prompt] * b) if do_cfg else None
+        negative_low = encode_prompts(tok, te, [negative_prompt_low] * b) if do_cfg and negative_prompt_low else None
         return Conditioning(text_high, text_low, phrase_embeds, box_tensor, box_mask * phrase_mask.to(box_mask.dtype),
-                            feats["clip_tokens"], feats["dino_tokens"], negative)
+                            feats["clip_tokens"], feats["dino_tokens"], negative, negative_low)
 
     # -- one denoising evaluation -------------------------------------------------------------------
     @torch.no_grad()
@@ -122,14 +127,16 @@ class SpatialSemanticSRPipeline(DiffusionPipeline):
         """
         c = cond.repeat_to(latents.shape[0])
         do_cfg = c.negative_text is not None and guidance_scale > 1.0
-        text_high, extra = c.text_high, [c.text_low, c.phrase_embeds, c.boxes, c.box_mask, c.clip_tokens, c.dino_tokens]
+        text_high, text_low = c.text_high, c.text_low
+        extra = [c.phrase_embeds, c.boxes, c.box_mask, c.clip_tokens, c.dino_tokens]
         model_in, ctrl = latents, control_image
         if do_cfg:
             model_in, ctrl = torch.cat([latents] * 2), torch.cat([control_image] * 2)
             text_high = torch.cat([c.negative_text, text_high])
+            text_low = torch.cat([c.negative_low if c.negative_low is not None else text_low, text_low])
             extra = [torch.cat([x] * 2) for x in extra]
         model_in = self.scheduler.scale_model_input(model_in, t)
-        text_low, phrase_embeds, boxes, box_mask, clip_tokens, dino_tokens = extra
+        phrase_embeds, boxes, box_mask, clip_tokens, dino_tokens = extra
         pred, _ = controlled_unet(
             self.unet, self.controlnet, model_in, t, ctrl, text_high, conditioning_scale, text_low=text_low,
             boxes=boxes, phrase_embeds=phrase_embeds, box_mask=box_mask, clip_tokens=clip_tokens,
@@ -149,40 +156,37 @@ class SpatialSemanticSRPipeline(DiffusionPipeline):
     def __call__(self, image, prompt: str = "", prompt_low: str = "", phrases: list[str] | None = None,
                  boxes=None, negative_prompt: str = NEGATIVE_PROMPT, num_inference_steps: int = 20,
                  guidance_scale: float = 5.5, conditioning_scale: float = 1.0, generator: torch.Generator | None = None,
-                 output_type: str = "pil", upscale: int = 4, latents: torch.Tensor | None = None):
-        """Upscale one LR image by ``upscale``; returns a PIL image or a float ``[H, W, 3]`` array in [0, 1]."""
+                 output_type: str = "pil", upscale: int = 4, tile_size: int | None = None, tile_overlap: int = 16,
+                 tile_batch: int = 1, realism: float = 1.0, color_fix: str = "none",
+                 negative_prompt_low: str | None = None, added_noise_level: int | None = None):
+        """Upscale one LR image by ``upscale``; returns a PIL image or a float ``[H, W, 3]`` array in [0, 1].
+
+        Sampling starts from the LR's latent noised to the first timestep (``realism`` 1; lower values
+        start later in the schedule, see docs/upscale.md). ``tile_size`` (latent px, a multiple of 8)
+        tiles the latent with ``tile_overlap``, ``tile_batch`` tiles per model call; ``None`` runs the
+        whole image as one tile. The scheduler is the pipeline's own (``pipe.scheduler``).
+        """
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
-        lr = _lr_array(image)[:1]
-        h, w = lr.shape[1:3]
-        out_h, out_w = h * upscale, w * upscale
-        # latents must split evenly through the UNet's downsamplings: pad the LR, crop the output
-        unit = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        hr_h, hr_w = -(-out_h // unit) * unit, -(-out_w // unit) * unit
-        device = self._execution_device
-        lr_t = hwc_to_signed(lr).to(device)
-        ph, pw = -(-hr_h // upscale) - h, -(-hr_w // upscale) - w
-        if ph or pw:
-            lr_t = F.pad(lr_t, (0, pw, 0, ph), mode="replicate")
-        size = ((h + ph) * upscale, (w + pw) * upscale)
-        control = F.interpolate(lr_t, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)[..., :hr_h, :hr_w]
-        cond = self.encode_conditioning(lr, [prompt], [prompt_low], [phrases or []],
-                                        [boxes] if boxes is not None else None, negative_prompt,
-                                        do_cfg=guidance_scale > 1.0)
-        shape = (1, self.unet.config.in_channels, hr_h // self.vae_scale_factor, hr_w // self.vae_scale_factor)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-            latents = latents * self.scheduler.init_noise_sigma
-        latents = latents.to(device, torch.float32)
-        # stochastic schedulers (DDPM, Euler ancestral) take the generator; the others reject it
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        for t in self.progress_bar(self.scheduler.timesteps):
-            pred = self.predict_noise(latents, t, control, cond, guidance_scale, conditioning_scale)
-            latents = self.scheduler.step(pred.float(), t, latents, **step_kwargs).prev_sample
-        pixels = self.decode_latents(latents).float()[..., :out_h, :out_w]
-        result = self.image_processor.postprocess(pixels, output_type=output_type)
-        return result[0]
+        lr = _lr_array(image)[0]
+        if tile_size is None:  # one tile covering the whole (padded) latent
+            tile_size, tile_overlap = max(padded_latent_size(lr.shape[0] * upscale, lr.shape[1] * upscale,
+                                                             self.vae_scale_factor)), 0
+        cfg = UpscaleConfig(
+            scale=upscale, steps=num_inference_steps, guidance_scale=guidance_scale,
+            conditioning_scale=conditioning_scale, negative_prompt=negative_prompt,
+            negative_prompt_low=negative_prompt_low, added_noise_level=added_noise_level,
+            scheduler=type(self.scheduler).__name__, tile_size=tile_size, tile_overlap=tile_overlap,
+            tile_batch=tile_batch, realism=realism, color_fix=color_fix,
+        )
+        if generator is None:  # fresh noise per call, as diffusers pipelines without a generator
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+        upscaler = TiledUpscaler(self, cfg, self._execution_device, self.vae.dtype)
+        sr = upscaler(lr, prompt, prompt_low, list(phrases or []),
+                      None if boxes is None else np.asarray(boxes, np.float32).reshape(-1, 4), generator=generator)
+        if output_type == "pil":
+            return PIL.Image.fromarray(sr)
+        return sr.astype(np.float32) / 255.0
 
 
 def build_sr_pipeline(paths: dict[str, str], model_cfg, dtype: torch.dtype = torch.float32) -> SpatialSemanticSRPipeline:
