@@ -1,4 +1,5 @@
-"""``python -m pipeline.evaluate``: PSNR/SSIM (Y and RGB, BasicSR's formulas), CLIP-IQA, pyiqa -> a report.
+"""``python -m pipeline.evaluate``: PSNR/SSIM (Y and RGB; BasicSR's or pyiqa's protocol), a CLIP score, pyiqa
+metrics -> a report. docs/evaluate.md says which protocol the papers' tables use.
 
 Outputs (``--input``) and references (``--reference``) are paired by relative path, ignoring the
 extension (``a/b.png`` pairs with ``a/b.jpg``). Writes ``OUTPUT/metrics.json`` (per image and mean),
@@ -31,10 +32,11 @@ from spasem.config import (
     config_to_yaml,
 )
 from spasem.config.evaluate import EvaluateConfig
-from spasem.metrics import ClipIQA, PyiqaMetrics, full_reference_metrics
+from spasem.metrics import ClipGoodPhoto, PyiqaMetrics, full_reference_metrics
 from spasem.shards import encode_png
 from spasem.storage import Store
 from stages.read import TOO_SMALL, ReadImages, RejectError
+from stages.runtime import error_line, print_rejects, user_errors
 
 log = logging.getLogger("pipeline.evaluate")
 DEFAULT_INPUT = "runs/upscale"
@@ -44,6 +46,11 @@ NO_REFERENCE = "no reference image"
 NO_OUTPUT = "no output image"
 AMBIGUOUS = "ambiguous reference"
 SIZE_MISMATCH = "size mismatch"
+PROTOCOLS = {
+    "basicsr": "BasicSR's basicsr/metrics/psnr_ssim.py: BT.601 Y (and RGB), crop_border px cut from each side",
+    "pyiqa": "XPSR's test.py metrics() with pyiqa 0.1.10: psnr/ssim on the BT.601 Y, no crop unless crop_border; "
+             "RGB as pyiqa's psnr / ssimc defaults",
+}
 
 
 def _stem(rel: str) -> str:
@@ -118,27 +125,28 @@ def run_evaluate(cfg: Config, ecfg: EvaluateConfig) -> dict[str, Any]:
     pairs, rejects = pair_images(outputs, references)
     lr_index = _lr_index(lr_store, suffixes)
     border = ecfg.effective_crop_border(cfg.data.scale)
-    log.info("%d outputs, %d references: %d pairs, crop border %d", len(outputs), len(references), len(pairs), border)
+    log.info("%d outputs, %d references: %d pairs, %s protocol, crop border %d", len(outputs), len(references),
+             len(pairs), ecfg.protocol, border)
 
     def reader(store: Store) -> ReadImages:
         return ReadImages(store, cfg.data.max_pixels, 1, cfg.data.max_bytes)
 
     read_sr, read_hr = reader(sr_store), reader(hr_store)
     read_lr = reader(lr_store) if lr_store is not None else None
-    clip = ClipIQA(ecfg.clip_model, ecfg.device) if ecfg.clip_model else None
+    clip = ClipGoodPhoto(ecfg.clip_model, ecfg.device) if ecfg.clip_model else None
     pyiqa = PyiqaMetrics(ecfg.pyiqa_metrics, ecfg.device)
     notes = list(pyiqa.notes)
     if clip is None:
-        notes.append("CLIP-IQA skipped: no evaluate.clip_model given")
+        notes.append("clip_good_photo skipped: no evaluate.clip_model given")
     rows: list[dict[str, Any]] = []
     for i, (sr_rel, hr_rel) in enumerate(pairs):
         try:
-            row, sr, hr = _measure(read_sr, read_hr, sr_rel, hr_rel, border)
+            row, sr, hr = _measure(read_sr, read_hr, sr_rel, hr_rel, border, ecfg.protocol)
         except RejectError as exc:
             rejects.append({"source": sr_rel, "reason": exc.reason, "error": str(exc)})
             continue
         if clip is not None:
-            row["clipiqa"] = clip([sr])[0]
+            row["clip_good_photo"] = clip([sr])[0]
         row.update(pyiqa(sr, hr))
         if sum("crop" in r for r in rows) < ecfg.report_images:
             lr = _read_lr(read_lr, lr_index.get(_stem(sr_rel)), notes)
@@ -150,11 +158,11 @@ def run_evaluate(cfg: Config, ecfg: EvaluateConfig) -> dict[str, Any]:
         rows.append(row)
         if (i + 1) % 50 == 0:
             log.info("evaluated %d / %d pairs", i + 1, len(pairs))
-    keys = ["psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb"] + (["clipiqa"] if clip else []) + list(pyiqa.metrics)
+    keys = ["psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb"] + (["clip_good_photo"] if clip else []) + list(pyiqa.metrics)
     elapsed = round(time.time() - start, 3)
     result = {
         "input": sr_store.uri, "reference": hr_store.uri, "lr": lr_store.uri if lr_store else None,
-        "crop_border": border, "metrics": keys, "count": len(rows), "mean": _means(rows, keys),
+        "protocol": ecfg.protocol, "protocol_detail": PROTOCOLS[ecfg.protocol], "crop_border": border, "metrics": keys, "count": len(rows), "mean": _means(rows, keys),
         "images": rows, "rejected": rejects,
         "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
         "notes": notes, "elapsed_s": elapsed, "images_per_s": round(len(rows) / elapsed, 3) if elapsed else None,
@@ -165,8 +173,8 @@ def run_evaluate(cfg: Config, ecfg: EvaluateConfig) -> dict[str, Any]:
     return result
 
 
-def _measure(read_sr: ReadImages, read_hr: ReadImages, sr_rel: str, hr_rel: str,
-             border: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+def _measure(read_sr: ReadImages, read_hr: ReadImages, sr_rel: str, hr_rel: str, border: int,
+             protocol: str) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     sr = read_sr.read_one(sr_rel)
     try:
         hr = read_hr.read_one(hr_rel)
@@ -176,7 +184,7 @@ def _measure(read_sr: ReadImages, read_hr: ReadImages, sr_rel: str, hr_rel: str,
     if sr.shape != hr.shape:
         raise RejectError(SIZE_MISMATCH, f"output {sr.shape[1]}x{sr.shape[0]}, reference {hr.shape[1]}x{hr.shape[0]}")
     try:
-        metrics = full_reference_metrics(sr, hr, border)
+        metrics = full_reference_metrics(sr, hr, border, protocol)
     except ValueError as exc:
         raise RejectError(TOO_SMALL, str(exc)) from None
     row = {"path": sr_rel, "reference": hr_rel, "width": int(sr.shape[1]), "height": int(sr.shape[0])}
@@ -225,8 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg.output = cfg.output or DEFAULT_OUTPUT
     try:
         result = run_evaluate(cfg, ecfg)
-    except (FileNotFoundError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except user_errors() as exc:
+        print(error_line(exc), file=sys.stderr)
         return 1
     where = cfg.storage.open(cfg.output).url("")
     mean = result["mean"]
@@ -234,7 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result["count"]:
         print("mean " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in mean.items()))
     print(f"report: {where}/index.html  metrics: {where}/metrics.json")
-    return 0 if result["count"] else 1
+    if not result["count"]:
+        print_rejects("metrics", result["rejected"], result["rejected_by_reason"])
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ _COLUMNS = {
     "ssim_y": ("SSIM Y", 4),
     "psnr_rgb": ("PSNR RGB (dB)", 2),
     "ssim_rgb": ("SSIM RGB", 4),
-    "clipiqa": ("CLIP-IQA", 4),
+    "clip_good_photo": ("CLIP good photo (not pyiqa clipiqa)", 4),
 }
 
 
@@ -112,8 +112,8 @@ figure img {{ image-rendering: pixelated; height: 256px; }}
 figcaption {{ font-size: 0.85em; }}
 </style></head><body>
 <h1>Super-resolution evaluation</h1>
-<p>{sources}. PSNR/SSIM as BasicSR computes them, {result['crop_border']} px border cropped;
-Y is the BT.601 luma. Elapsed {result['elapsed_s']} s.</p>
+<p>{sources}. PSNR/SSIM under the {esc(result['protocol'])} protocol ({esc(result['protocol_detail'])}),
+{result['crop_border']} px border cropped; Y is the BT.601 luma. Elapsed {result['elapsed_s']} s.</p>
 <table><tr><th>image</th><th>size</th>{head}</tr>
 {mean}
 {"".join(rows)}

@@ -1,9 +1,13 @@
-"""Image quality metrics: PSNR/SSIM exactly as BasicSR computes them, CLIP-IQA, optional pyiqa metrics.
+"""Image quality metrics: PSNR/SSIM under two protocols, a CLIP "good photo" score, optional pyiqa metrics.
 
-PSNR and SSIM follow ``basicsr/metrics/psnr_ssim.py`` line for line (border crop, Y channel of ITU-R
-BT.601 as MATLAB's ``rgb2ycbcr``, 11x11 Gaussian window with sigma 1.5, 'valid' SSIM map), so numbers
-are comparable with the SR literature. BasicSR reads images with OpenCV (BGR); here images are RGB,
-which ``color_order`` says. CLIP-IQA and pyiqa metrics load their models by path and never download.
+Protocol ``basicsr`` follows ``basicsr/metrics/psnr_ssim.py`` line for line (border crop, Y channel of
+ITU-R BT.601 as MATLAB's ``rgb2ycbcr``, 11x11 Gaussian window with sigma 1.5, 'valid' SSIM map): the
+classic SR tables. Protocol ``pyiqa`` is how XPSR's ``test.py`` (``metrics()``, pyiqa 0.1.10) makes its
+tables: the same BT.601 Y, no crop, pyiqa's ``psnr`` (``archs/psnr_arch.py``: [0, 1] values,
+``10 log10(1 / (mse + 1e-8))``) and ``ssim`` (``archs/ssim_arch.py``: values rounded to integers,
+contrast-structure map clipped at 0); its RGB numbers are pyiqa's ``psnr`` and ``ssimc`` defaults.
+BasicSR reads images with OpenCV (BGR); here images are RGB, which ``color_order`` says. The CLIP score
+and pyiqa metrics load their models by path and never download.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 ColorOrder = Literal["rgb", "bgr"]
+Protocol = Literal["basicsr", "pyiqa"]
+PYIQA_EPS = 1e-8  # pyiqa's psnr: 10 log10(data_range^2 / (mse + eps)), data_range 1
 
 # ITU-R BT.601 for [0, 1] input and [16, 235] output, as MATLAB's rgb2ycbcr and BasicSR use
 _Y_RGB = [65.481, 128.553, 24.966]
@@ -98,8 +104,11 @@ def calculate_psnr(
     return float(10.0 * np.log10(255.0 * 255.0 / mse))
 
 
-def _ssim(img: np.ndarray, img2: np.ndarray) -> float:
-    """SSIM of one channel (float64, [0, 255]): Gaussian 11x11 sigma 1.5, 'valid' part of the map."""
+def _ssim(img: np.ndarray, img2: np.ndarray, clip_cs: bool = False) -> float:
+    """SSIM of one channel (float64, [0, 255]): Gaussian 11x11 sigma 1.5, 'valid' part of the map.
+
+    ``clip_cs`` clips the contrast-structure term at 0, as pyiqa's ``ssim`` does (BasicSR does not).
+    """
     c1 = (0.01 * 255) ** 2
     c2 = (0.03 * 255) ** 2
     kernel = cv2.getGaussianKernel(11, 1.5)
@@ -110,8 +119,10 @@ def _ssim(img: np.ndarray, img2: np.ndarray) -> float:
     sigma1_sq = cv2.filter2D(img**2, -1, window)[5:-5, 5:-5] - mu1_sq
     sigma2_sq = cv2.filter2D(img2**2, -1, window)[5:-5, 5:-5] - mu2_sq
     sigma12 = cv2.filter2D(img * img2, -1, window)[5:-5, 5:-5] - mu1_mu2
-    ssim_map = ((2 * mu1_mu2 + c1) * (2 * sigma12 + c2)) / ((mu1_sq + mu2_sq + c1) * (sigma1_sq + sigma2_sq + c2))
-    return float(ssim_map.mean())
+    cs_map = (2 * sigma12 + c2) / (sigma1_sq + sigma2_sq + c2)
+    if clip_cs:
+        cs_map = np.maximum(cs_map, 0.0)
+    return float((((2 * mu1_mu2 + c1) / (mu1_sq + mu2_sq + c1)) * cs_map).mean())
 
 
 def calculate_ssim(
@@ -131,8 +142,46 @@ def calculate_ssim(
     return float(np.mean([_ssim(img[..., i], img2[..., i]) for i in range(img.shape[2])]))
 
 
-def full_reference_metrics(sr: np.ndarray, hr: np.ndarray, crop_border: int) -> dict[str, float]:
-    """``psnr_y``, ``ssim_y`` (the literature's numbers) and ``psnr_rgb``, ``ssim_rgb`` of RGB images."""
+def pyiqa_psnr(img: np.ndarray, img2: np.ndarray, crop_border: int = 0, test_y_channel: bool = False) -> float:
+    """pyiqa's psnr: MSE of the [0, 1] values (Y as XPSR's test.py makes it), ``10 log10(1 / (mse + 1e-8))``."""
+    img, img2 = _prepare(img, img2, crop_border)
+    if img.size == 0:
+        raise ValueError(f"nothing left after cropping {crop_border} px from each border")
+    if test_y_channel:
+        img, img2 = to_y_channel(img), to_y_channel(img2)
+    mse = np.mean(((img.astype(np.float64) - img2.astype(np.float64)) / 255.0) ** 2)
+    return float(10.0 * np.log10(1.0 / (mse + PYIQA_EPS)))
+
+
+def pyiqa_ssim(img: np.ndarray, img2: np.ndarray, crop_border: int = 0, test_y_channel: bool = True) -> float:
+    """pyiqa's ssim: BasicSR's window on values rounded to integers, contrast-structure clipped at 0."""
+    img, img2 = _prepare(img, img2, crop_border)
+    if min(img.shape[:2]) < 11:
+        raise ValueError(
+            f"{img.shape[1]}x{img.shape[0]} after cropping {crop_border} px borders is smaller than the 11x11 SSIM window"
+        )
+    if test_y_channel:
+        img, img2 = to_y_channel(img), to_y_channel(img2)
+    # func_util.preprocess_rgb: x * 255, rounded "to make the input image same as MATLAB"
+    img, img2 = np.round(img.astype(np.float64)), np.round(img2.astype(np.float64))
+    return float(np.mean([_ssim(img[..., i], img2[..., i], clip_cs=True) for i in range(img.shape[2])]))
+
+
+def full_reference_metrics(sr: np.ndarray, hr: np.ndarray, crop_border: int,
+                           protocol: Protocol = "basicsr") -> dict[str, float]:
+    """``psnr_y``, ``ssim_y`` (the literature's numbers) and ``psnr_rgb``, ``ssim_rgb`` of RGB images.
+
+    ``protocol`` picks the formulas (see the module docstring); the border crop is the caller's choice.
+    """
+    if protocol == "pyiqa":
+        return {
+            "psnr_y": pyiqa_psnr(sr, hr, crop_border, test_y_channel=True),
+            "ssim_y": pyiqa_ssim(sr, hr, crop_border, test_y_channel=True),
+            "psnr_rgb": pyiqa_psnr(sr, hr, crop_border),
+            "ssim_rgb": pyiqa_ssim(sr, hr, crop_border, test_y_channel=False),
+        }
+    if protocol != "basicsr":
+        raise ValueError(f"protocol must be 'basicsr' or 'pyiqa', got {protocol!r}")
     return {
         "psnr_y": calculate_psnr(sr, hr, crop_border, test_y_channel=True),
         "ssim_y": calculate_ssim(sr, hr, crop_border, test_y_channel=True),
@@ -161,11 +210,14 @@ def _image_processor(path: str, image_size: int) -> Any:
         return Processor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
-class ClipIQA:
-    """CLIP-IQA: softmax over 100 x cosine similarity with "Good photo." / "Bad photo."; P(good) in [0, 1].
+class ClipGoodPhoto:
+    """``clip_good_photo``: softmax over 100 x cosine similarity with "Good photo." / "Bad photo."; P(good).
 
-    Uses a transformers CLIP (ViT) with its standard preprocessing, so absolute values differ from
-    pyiqa's ``clipiqa`` (ResNet-50 CLIP at full resolution); compare scores from the same model only.
+    The zero-shot prompt pair of the CLIP-IQA paper, on whatever transformers CLIP ``evaluate.clip_model``
+    names (usually a ViT) with its standard 224 px centre-crop preprocessing. It is NOT pyiqa's
+    ``clipiqa`` (``archs/clipiqa_arch.py``: OpenAI ResNet-50 CLIP on the full-resolution image, the mean
+    over five antonym pairs "Good/bad image", "Sharp/blurry image", ...), which the papers' CLIPIQA
+    column is: the values are not comparable with theirs; compare runs of the same model only.
     """
 
     PROMPTS = ("Good photo.", "Bad photo.")

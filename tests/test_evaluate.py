@@ -99,14 +99,14 @@ def tiny_clip(tmp_path_factory) -> Path:
     return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
-def test_local_report_with_lr_crops_clipiqa_and_rejects(tmp_path, tiny_clip):
+def test_local_report_with_lr_crops_clip_score_and_rejects(tmp_path, tiny_clip):
     dirs = write_sets(tmp_path)
     report = tmp_path / "report"
     code = main(["--input", str(dirs["sr"]), "--reference", str(dirs["hr"]), "--lr", str(dirs["lr"]),
                  "--output", str(report), "--set", f"evaluate.clip_model={tiny_clip}", "--set", "evaluate.crop_size=64"])
     assert code == 0
     result = _strict_json((report / "metrics.json").read_text())
-    assert result["crop_border"] == SCALE
+    assert result["crop_border"] == SCALE and result["protocol"] == "basicsr"
     assert result["count"] == 3
     assert {r["source"]: r["reason"] for r in result["rejected"]} == EXPECTED_REJECTS
     rows = {r["path"]: r for r in result["images"]}
@@ -117,7 +117,7 @@ def test_local_report_with_lr_crops_clipiqa_and_rejects(tmp_path, tiny_clip):
         expected = full_reference_metrics(sr, hr, SCALE)
         assert {k: row[k] for k in expected} == pytest.approx(expected)
         assert 20 < row["psnr_y"] < 40 and 0.4 < row["ssim_y"] < 1  # a 4x bicubic round trip
-        assert 0.0 <= row["clipiqa"] <= 1.0
+        assert 0.0 <= row["clip_good_photo"] <= 1.0 and "clipiqa" not in row
         # crops: the same detail window of LR (nearest-upsampled) | output | HR, found verbatim in the images
         crop = _decode(report / row["crop"])
         size = min(64, *hr.shape[:2])
@@ -127,10 +127,10 @@ def test_local_report_with_lr_crops_clipiqa_and_rejects(tmp_path, tiny_clip):
         assert where is not None
         x, y = where
         assert np.array_equal(panel_sr, sr[y:y + size, x:x + size])
-    for key in ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "clipiqa"):
+    for key in ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "clip_good_photo"):
         assert result["mean"][key] == pytest.approx(np.mean([r[key] for r in rows.values()]))
     page = (report / "index.html").read_text()
-    for text in ["nested/coffee.jpg", "crops/nested__coffee.png", NO_OUTPUT, SIZE_MISMATCH, "CLIP-IQA", "LR | output | HR"]:
+    for text in ["nested/coffee.jpg", "crops/nested__coffee.png", NO_OUTPUT, SIZE_MISMATCH, "not pyiqa clipiqa", "LR | output | HR"]:
         assert text in page
     assert "clip_model" in (report / "config.yaml").read_text()
 
@@ -150,7 +150,7 @@ def test_identical_images_crop_border_and_defaults(tmp_path):
     assert same["psnr_y"] == "inf" and same["psnr_rgb"] == "inf"  # strict JSON has no Infinity
     assert same["ssim_y"] == pytest.approx(1.0) and same["ssim_rgb"] == pytest.approx(1.0)
     assert result["crop_border"] == 0 and result["mean"]["psnr_y"] == "inf"
-    assert "CLIP-IQA skipped: no evaluate.clip_model given" in result["notes"]
+    assert "clip_good_photo skipped: no evaluate.clip_model given" in result["notes"]
     crop = _decode(tmp_path / "a" / same["crop"])
     assert crop.shape == (64, 2 * 64 + GAP, 3)  # no LR given: output | HR
     # the border defaults to data.scale
@@ -161,6 +161,14 @@ def test_identical_images_crop_border_and_defaults(tmp_path):
     noisy_b = next(r for r in other["images"] if r["path"] == "noisy.png")
     assert noisy_b["psnr_y"] == pytest.approx(full_reference_metrics(noisy, hr, 2)["psnr_y"])
     assert noisy_a["psnr_y"] != noisy_b["psnr_y"]
+    # pyiqa's protocol (XPSR's tables): no crop by default, pyiqa's formulas, recorded in metrics.json
+    assert main(args + ["--output", str(tmp_path / "c"), "--set", "evaluate.protocol=pyiqa"]) == 0
+    third = _strict_json((tmp_path / "c" / "metrics.json").read_text())
+    assert third["protocol"] == "pyiqa" and third["crop_border"] == 0 and "test.py" in third["protocol_detail"]
+    noisy_c = next(r for r in third["images"] if r["path"] == "noisy.png")
+    assert noisy_c["ssim_y"] == pytest.approx(full_reference_metrics(noisy, hr, 0, "pyiqa")["ssim_y"])
+    assert next(r for r in third["images"] if r["path"] == "same.png")["psnr_y"] == pytest.approx(80.0)
+    assert "pyiqa protocol" in (tmp_path / "c" / "index.html").read_text()
 
 
 def test_config_errors_name_the_key(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""PSNR/SSIM against independently computed values, CLIP-IQA on a tiny random-init CLIP, pyiqa skipping."""
+"""PSNR/SSIM against independently computed values (BasicSR's and pyiqa's protocols), the CLIP good-photo
+score on a tiny random-init CLIP, pyiqa skipping."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import skimage.color
 from skimage.metrics import structural_similarity
 
 from spasem.metrics import (
-    ClipIQA,
+    ClipGoodPhoto,
     PyiqaMetrics,
     _no_downloads,
     bgr2ycbcr,
@@ -159,15 +160,44 @@ def test_gray_images_and_errors():
         calculate_ssim(gray[:20, :20], gray[:20, :20], crop_border=5)
 
 
-def test_clipiqa_is_a_deterministic_probability(tiny_clip, photo):
+def _pattern_pair() -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:40, 0:48]
+    hr = np.stack([(xx * 5 + yy * 3) % 256, (xx * yy) % 256, (200 - 4 * yy + xx) % 256], -1).astype(np.uint8)
+    offset = ((xx * 7 + yy * 11) % 17 - 8)[..., None] * np.array([1, 2, 3])
+    sr = np.clip(hr.astype(int) + offset, 0, 255).astype(np.uint8)
+    sr[:2] = 0  # a damaged border: BasicSR's protocol crops it away, pyiqa's counts it
+    return sr, hr
+
+
+def test_pyiqa_protocol_matches_pyiqa_as_xpsr_calls_it():
+    sr, hr = _pattern_pair()
+    # pyiqa 0.1.10's own psnr/ssim (PSNR(), SSIM() on XPSR test.py's rgb2ycbcr_pt Y; PSNR(), SSIM(test_y_channel
+    # =False) on RGB), run once on this pair; float32 inputs there, so agreement to ~1e-6
+    expected = {"psnr_y": 24.13618324589066, "ssim_y": 0.9579279357383239,
+                "psnr_rgb": 17.167612075805664, "ssim_rgb": 0.7512483632507051}
+    got = full_reference_metrics(sr, hr, 0, protocol="pyiqa")
+    assert got == pytest.approx(expected, abs=2e-6)
+    basicsr = full_reference_metrics(sr, hr, 4)
+    assert basicsr["psnr_y"] > got["psnr_y"] + 3, "the cropped border hides the damage from BasicSR's numbers"
+    # identical images: pyiqa's eps gives 80 dB, BasicSR inf; a flipped image has negative structure,
+    # which pyiqa clips at 0 and BasicSR keeps
+    assert full_reference_metrics(hr, hr, 0, "pyiqa")["psnr_y"] == pytest.approx(80.0)
+    ramp = np.tile(np.linspace(0, 255, 48), (40, 1)).round().astype(np.uint8)[..., None].repeat(3, -1)
+    flipped = np.ascontiguousarray(ramp[:, ::-1])
+    assert calculate_ssim(flipped, ramp, 0) < 0 <= full_reference_metrics(flipped, ramp, 0, "pyiqa")["ssim_rgb"]
+    with pytest.raises(ValueError, match="protocol"):
+        full_reference_metrics(sr, hr, 0, protocol="matlab")
+
+
+def test_clip_good_photo_is_a_deterministic_probability(tiny_clip, photo):
     import torch
     from transformers import CLIPModel, CLIPTokenizer
 
-    iqa = ClipIQA(str(tiny_clip))
+    iqa = ClipGoodPhoto(str(tiny_clip))
     images = [photo, _noisy(photo, 40), skimage_photo("coffee.png")]
     scores = iqa(images)
     assert len(scores) == 3 and all(0.0 <= s <= 1.0 for s in scores)
-    assert ClipIQA(str(tiny_clip))(images) == scores
+    assert ClipGoodPhoto(str(tiny_clip))(images) == scores
     assert iqa([images[2]])[0] == pytest.approx(scores[2], abs=1e-6)
     # the same score from CLIPModel.forward's normalized embeddings: softmax(100 * cos) over the two prompts
     model = CLIPModel.from_pretrained(tiny_clip).eval()
