@@ -1,221 +1,263 @@
-"""Images/s of each annotation stage.
+"""The annotate phase as a user runs it: a pairs shard in, the final shard out, timed per step.
 
-Default: the real stage classes with the tiny profile on CPU (what ``make bench`` runs anywhere).
-``--gpu``: the real-size architectures of ``configs/models`` with random weights in bf16 on one GPU,
-driven the way the stages drive them: LLaVA-1.5-7B with both prompts in one greedy generate (the
-image prefix run once per image, exactly ``--new-tokens`` tokens), Grounding DINO (Swin-B) at 800 px, CLIP ViT-L/14 + DINOv2-B
-(LR tokens and HR pooled), and the SD VAE posterior of 512 px crops plus the text states of two captions.
-Goals on one H100: captions >= 20 images/s, grounding >= 30, embeddings + latents >= 300.
+One real pairs shard (prepare's own shard builder on scikit-image photos at ``data.hr_size``) goes
+through exactly what a pool actor does with it: ``load_pairs`` decodes the PNGs, each enabled stage
+class runs on the whole shard (its micro-batches, processors and models), and
+``write_final_shard`` merges the annotations with the pairs members and writes the tar and marker.
+Every step is timed in wall time and in process CPU time, and the CPU time spent inside model calls
+(``forward``, ``generate``, ``encode`` of each stage's models) is counted apart, so the table shows
+what decoding, preprocessing and shard writing cost around the models. Warm-up first, then the median
+of ``--repeats``. The preprocessing runs twice: with transformers' image processors (``processors``,
+the path before the torch transforms) and with the torch transforms of :mod:`spasem.preprocess`
+(``torch``); ``--only-mode`` picks one.
+
+``--ray`` also runs the phase through Ray Data actor pools (``pipeline.prepare`` with
+``prepare.phases=[annotate]``) and prints its samples/s. On a GPU node: ``--set models.device=cuda
+--set models.dtype=bfloat16 --config configs/sd15.yaml`` with real weights; ``--backend vllm``
+captions through vLLM (the ``vllm`` extra, see docs/annotate.md). ``benchmarks/annotate_models.py``
+keeps the model-only GPU figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from spasem.profiles.real_size import build_from_config  # noqa: E402
+MODEL_METHODS = ("forward", "generate", "encode")
 
 
-def timed(fn, repeats: int, sync=lambda: None) -> float:
-    """Seconds per call of ``fn`` after one warm-up call (mean of ``repeats``)."""
-    fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / repeats
+class ModelClock:
+    """Process CPU seconds spent inside the wrapped model methods (nested calls counted once)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._depth = 0
+
+    def wrap(self, obj, name: str) -> None:
+        method = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            if self._depth:
+                return method(*args, **kwargs)
+            self._depth += 1
+            start = time.process_time()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds += time.process_time() - start
+                self._depth -= 1
+
+        setattr(obj, name, timed)
+
+    def watch(self, stage) -> None:
+        """Wrap the model methods of every torch module a stage holds (two attribute levels deep)."""
+        seen: set[int] = set()
+        for obj in [stage, *vars(stage).values()]:
+            for value in [obj, *getattr(obj, "__dict__", {}).values()]:
+                if isinstance(value, torch.nn.Module) and id(value) not in seen:
+                    seen.add(id(value))
+                    for name in MODEL_METHODS:
+                        if callable(getattr(value, name, None)):
+                            self.wrap(value, name)
 
 
-def cpu_tiny(args) -> dict[str, float]:
-    from spasem.columns import object_array
-    from spasem.config import load_config
-    from spasem.profiles import resolve_models
-    from stages.captions import Captioner
-    from stages.embeddings import Embedder
-    from stages.encode import Encoder
-    from stages.grounding import Grounder
-
-    cfg = load_config(None, [f"models.cache_dir={args.cache}", f"annotate.captions.max_new_tokens={args.new_tokens}"])
-    paths = resolve_models(cfg.models)
-    rng = np.random.default_rng(0)
-    n, hr = args.images, cfg.data.hr_size
-    batch = {"key": object_array([f"img{i}" for i in range(n)]), "shard": np.zeros(n, np.int64),
-             "hr": rng.integers(0, 256, (n, hr, hr, 3), dtype=np.uint8),
-             "lr": rng.integers(0, 256, (n, cfg.data.lr_size, cfg.data.lr_size, 3), dtype=np.uint8)}
-    figures = {}
-    for name, cls in (("captions", Captioner), ("grounding", Grounder), ("embeddings", Embedder), ("encode", Encoder)):
-        stage = cls(cfg, paths)
-        out = {}
-
-        def call(stage=stage, out=out, batch=batch):
-            out.update(stage(dict(batch)))
-
-        figures[name] = n / timed(call, args.repeats)
-        batch = out  # the next stage sees this one's columns, as in the phase
-    print(f"tiny profile on CPU ({torch.get_num_threads()} threads), {n} images of {hr} px HR / "
-          f"{cfg.data.lr_size} px LR, {args.new_tokens} new tokens:")
-    return figures
+def set_processors(stage, on: bool) -> None:
+    """Switch a stage between transformers' processors and the torch transforms, where it has both."""
+    for obj in (stage, getattr(stage, "encoders", None), getattr(stage, "backend", None)):
+        if obj is not None and hasattr(obj, "use_processors"):
+            obj.use_processors = on
 
 
-def gpu_captions(args, dtype) -> float:
-    from spasem.vlm.llava import generate_shared_prefix
-
-    model = build_from_config("llava-1.5-7b", dtype, "cuda")
-    cfg = model.config
-    vision = cfg.vision_config
-    n_image = (vision.image_size // vision.patch_size) ** 2
-    b = args.batch_captions
-    g = torch.Generator().manual_seed(0)
-    pad, image = cfg.text_config.pad_token_id, cfg.image_token_index
-    # "<s> USER: <image x576>\n" then the high (14 tokens) or low (26 tokens) XPSR prompt + " ASSISTANT:"
-    head = torch.cat([torch.tensor([1]), torch.randint(3, 31999, (4,), generator=g), torch.full((n_image,), image),
-                      torch.tensor([13])])
-    prompts = [torch.cat([head, torch.randint(3, 31999, (n + 5,), generator=g)]) for n in (14, 26)]
-    pixels = torch.randn(b, 3, vision.image_size, vision.image_size, generator=g)
-    compile = not args.eager
-    width = max(len(r) for r in prompts)
-
-    if args.share_prefix:
-        @torch.no_grad()
-        def run():
-            out = generate_shared_prefix(model, pixels, prompts, len(head), pad, args.new_tokens, compile,
-                                         min_new_tokens=args.new_tokens)
-            assert out.shape == (2 * b, args.new_tokens)
-    else:
-        ids = torch.full((2 * b, width), pad)
-        mask = torch.zeros_like(ids)
-        for k, r in enumerate(prompts):  # left padding, as the processor does
-            ids[k * b : (k + 1) * b, width - len(r) :] = r
-            mask[k * b : (k + 1) * b, width - len(r) :] = 1
-        inputs = {"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "pixel_values": pixels.repeat(2, 1, 1, 1).to("cuda", dtype)}
-        cache = {"cache_implementation": "static"} if compile else {}
-
-        @torch.no_grad()
-        def run():
-            out = model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                 do_sample=False, num_beams=1, pad_token_id=pad, **cache)
-            assert out.shape[1] == width + args.new_tokens
-
-    seconds = timed(run, args.repeats, torch.cuda.synchronize)
-    print(f"  llava-1.5-7b: {b} images x 2 prompts ({2 * b} rows, prompt {width} tokens, shared image prefix: "
-          f"{args.share_prefix}) + {args.new_tokens} tokens: {seconds:.2f} s/batch, "
-          f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    return b / seconds
+@contextmanager
+def step(times: dict[str, list[tuple[float, float, float]]], name: str, clock: ModelClock):
+    wall, cpu, model = time.perf_counter(), time.process_time(), clock.seconds
+    yield
+    times[name].append((time.perf_counter() - wall, time.process_time() - cpu, clock.seconds - model))
 
 
-def gpu_grounding(args, dtype) -> float:
-    model = build_from_config("grounding-dino-base", dtype, "cuda")
-    b, side = args.batch_grounding, args.grounding_size
-    g = torch.Generator().manual_seed(0)
-    text = torch.randint(1000, 30000, (b, 24), generator=g)
-    text[:, 0], text[:, -1], text[:, 4::5] = 101, 102, 1012  # [CLS] phrase . phrase . ... [SEP]
-    inputs = {"pixel_values": torch.randn(b, 3, side, side, generator=g).to("cuda", dtype),
-              "pixel_mask": torch.ones(b, side, side, dtype=torch.long, device="cuda"),
-              "input_ids": text.cuda(), "attention_mask": torch.ones_like(text).cuda(),
-              "token_type_ids": torch.zeros_like(text).cuda()}
+def make_pairs(cfg, corpus: Path) -> int:
+    """Prepare's shard builder writes ``OUT/pairs/shard-000000`` from the corpus; returns its sample count."""
+    from pipeline.prepare import list_inputs
+    from pipeline.shard_phase import ShardBuilder
 
-    @torch.no_grad()
-    def run():
-        model(**inputs)
-
-    seconds = timed(run, args.repeats, torch.cuda.synchronize)
-    print(f"  grounding-dino-base: {b} images at {side} px, 24 text tokens: {seconds * 1000:.0f} ms/batch")
-    torch.cuda.empty_cache()
-    return b / seconds
+    files = list_inputs(cfg)[0]
+    return ShardBuilder(cfg).build(0, files)["count"]
 
 
-def gpu_embeddings_latents(args, dtype) -> tuple[float, float, float]:
-    clip = build_from_config("clip-vit-large-patch14", dtype, "cuda")
-    dino = build_from_config("dinov2-base", dtype, "cuda")
-    vae = build_from_config("sd15-vae", dtype, "cuda")
-    text = build_from_config("sd15-text_encoder", dtype, "cuda")
-    b = args.batch_embed
-    g = torch.Generator().manual_seed(0)
-    lr = torch.randn(b, 3, 224, 224, generator=g).to("cuda", dtype)  # LR and HR both reach the encoders at 224
-    hr = torch.randn(b, 3, 224, 224, generator=g).to("cuda", dtype)
-    crops = torch.randn(args.batch_vae, 3, 512, 512, generator=g).to("cuda", dtype)
-    ids = torch.randint(0, 49407, (2 * args.batch_vae, 77), generator=g).cuda()
-    if not args.eager:  # as annotate.embeddings.compile / annotate.encode.compile = true
-        torch.backends.cudnn.benchmark = True
-        clip, dino = torch.compile(clip), torch.compile(dino)
-        vae.to(memory_format=torch.channels_last)
-        vae.encoder = torch.compile(vae.encoder)
-        crops = crops.contiguous(memory_format=torch.channels_last)
+def run_once(cfg, names, stages, ids, times, clock: ModelClock, repeat: int) -> None:
+    """One pass of the phase over shard 0, as an actor and the writer task run it, timed per step."""
+    from pipeline.annotate_phase import PIXELS, load_pairs, write_final_shard
+    from spasem.shards import FINAL_DIR, PAIRS_DIR, load_marker
 
-    both = torch.cat([lr, hr])  # LR tokens and HR pooled from one pass per encoder, as the stage does
+    out = cfg.storage.open(cfg.output)
+    pairs, final = out.child(PAIRS_DIR), out.child(f"{FINAL_DIR}-bench-{repeat}")
+    with step(times, "decode (load_pairs)", clock):
+        batch = load_pairs({"shard": np.asarray([0])}, pairs)
+    for name in names:
+        with step(times, name, clock):
+            batch = stages[name](batch)
+    with step(times, "write final shard", clock):
+        rows = [{k: v[i] for k, v in batch.items() if k not in PIXELS} for i in range(len(batch["key"]))]
+        write_final_shard(pairs, final, 0, load_marker(pairs, 0), rows, ids)
 
-    @torch.no_grad()
-    def embed():
-        clip(pixel_values=both), dino(pixel_values=both)
 
-    @torch.no_grad()
-    def latents():
-        dist = vae.encode(crops).latent_dist
-        torch.cat([dist.mean, dist.logvar], 1)
-        text(ids)
+def summarize(times, n: int) -> dict[str, tuple[float, float, float]]:
+    """Per step: median wall ms, CPU ms and model CPU ms per sample; plus the whole phase."""
+    rows = {name: tuple(statistics.median(t[k] for t in samples) * 1000 / n for k in range(3))
+            for name, samples in times.items()}
+    rows["whole phase"] = tuple(sum(r[k] for r in rows.values()) for k in range(3))
+    return rows
 
-    e = b / timed(embed, args.repeats, torch.cuda.synchronize)
-    v = args.batch_vae / timed(latents, args.repeats, torch.cuda.synchronize)
-    print(f"  clip-vit-large-patch14 + dinov2-base: {b} images, LR tokens + HR pooled: {e:.0f} images/s")
-    print(f"  sd15 VAE posterior at 512 px + text states of 2 captions: {args.batch_vae} images: {v:.0f} images/s")
-    return e, v, 1 / (1 / e + 1 / v)
+
+def print_table(title: str, rows) -> None:
+    print(f"{title}\n  {'step':22s} {'images/s':>9s} {'wall ms':>9s} {'CPU ms':>9s} {'model CPU':>10s} {'other CPU':>10s}"
+          "   (per sample)")
+    for name, (wall, cpu, model) in rows.items():
+        print(f"  {name:22s} {1000 / wall if wall else float('inf'):9.1f} {wall:9.2f} {cpu:9.2f} {model:10.2f} "
+              f"{cpu - model:10.2f}")
+
+
+def real_size_preprocessing(hr: np.ndarray, lr: np.ndarray, repeats: int) -> None:
+    """CPU ms per sample of the preprocessing the stages do, at the real checkpoints' processor settings.
+
+    The tiny profile's processors work at 32-64 px, so its table understates what they cost with real
+    weights: LLaVA-1.5 at 336 px (LR), Grounding DINO at 800 px (LR), CLIP at 224 and DINOv2 at 256/224
+    (LR and HR each). Same decoded crops, processors against the torch transforms, median of repeats.
+    """
+    from transformers import BitImageProcessor, CLIPImageProcessor, GroundingDinoImageProcessor
+
+    from spasem.preprocess import ImageTransform
+
+    imagenet = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+    work = [  # (what, processor, images): one entry per processor call a stage makes on a shard
+        ("llava 336 (LR)", CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+         [lr]),
+        ("grounding dino 800 (LR)", GroundingDinoImageProcessor(), [lr]),
+        ("clip 224 (LR + HR)", CLIPImageProcessor(), [lr, hr]),
+        ("dinov2 256/224 (LR + HR)", BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                                                       do_center_crop=True, **imagenet), [lr, hr]),
+    ]
+    n = len(hr)
+    print(f"preprocessing at the real checkpoints' processor settings, CPU ms per sample (median of {repeats}):")
+    totals = [0.0, 0.0]
+    for what, proc, groups in work:
+        transform = ImageTransform.from_processor(proc)
+        paths = (lambda proc=proc, groups=groups: [proc(images=list(g), return_tensors="pt") for g in groups],
+                 lambda transform=transform, groups=groups: [transform(g) for g in groups])
+        figures = []
+        for fn in paths:
+            fn()
+            runs = []
+            for _ in range(repeats):
+                start = time.process_time()
+                fn()
+                runs.append((time.process_time() - start) * 1000 / n)
+            figures.append(statistics.median(runs))
+        totals = [t + f for t, f in zip(totals, figures, strict=True)]
+        print(f"  {what:26s} processors {figures[0]:7.2f}   torch {figures[1]:6.2f}")
+    print(f"  {'all four':26s} processors {totals[0]:7.2f}   torch {totals[1]:6.2f}")
+
+
+def run_ray(cfg_args: list[str], out: str) -> None:
+    """The phase through Ray Data actor pools, as ``python -m pipeline.prepare`` runs it."""
+    import json
+
+    from pipeline.prepare import main as prepare_main
+
+    out_store = Path(out)
+    for marker in (out_store / "shards").glob("*.json"):
+        marker.unlink()
+    prepare_main(["--output", out, "--set", "prepare.phases=[annotate]", "--set", "prepare.progress=false",
+                  *cfg_args])
+    summary = json.loads((out_store / "summary.json").read_text())["phases"]["annotate"]
+    print(f"through Ray Data actor pools (start-up of {len(summary['stages'])} pools included): "
+          f"{summary['samples']} samples in {summary['elapsed_s']:.1f} s = {summary['samples_per_s']} samples/s")
+    for name, figures in summary["stage_throughput"].items():
+        print(f"  {name:12s} actor time {figures['actor_seconds']:.2f} s = {figures['samples_per_s']} samples/s")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--gpu", action="store_true", help="real-size architectures, random init, bf16, on cuda")
-    parser.add_argument("--eager", action="store_true", help="GPU: no torch.compile / static KV cache")
-    parser.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
-                        help="GPU: run the image prefix once per prompt instead of once per image")
-    parser.add_argument("--only", default="captions,grounding,embeddings", help="GPU parts to run")
-    parser.add_argument("--images", type=int, default=8, help="CPU: images per stage call")
+    parser.add_argument("--config", default=None, help="a config file (e.g. real weights: configs/sd15.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="dotted.key=value")
+    parser.add_argument("--gpu", action="store_true", help="models.device=cuda, models.dtype=bfloat16")
+    parser.add_argument("--backend", default=None, help="annotate.captions.backend (transformers | vllm | ...)")
+    parser.add_argument("--copies", type=int, default=1, help="copies of the 7 corpus photos (2 crops each)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=None, help="caption tokens (default: 64 GPU, 16 CPU)")
-    parser.add_argument("--batch-captions", type=int, default=64)
-    parser.add_argument("--batch-grounding", type=int, default=16)
-    parser.add_argument("--grounding-size", type=int, default=800, help="Grounding DINO's input side (its processor: 800)")
-    parser.add_argument("--batch-embed", type=int, default=256)
-    parser.add_argument("--batch-vae", type=int, default=32)
-    parser.add_argument("--cache", default=None, help="CPU: tiny model cache (default: a temporary folder)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time equals work done)")
+    parser.add_argument("--only-mode", choices=("processors", "torch"), default=None)
+    parser.add_argument("--ray", action="store_true", help="also run the phase through Ray Data actor pools")
+    parser.add_argument("--cache", default=".cache/models", help="tiny model cache")
     args = parser.parse_args(argv)
-    if not args.gpu:
-        args.new_tokens = args.new_tokens or 16
-        with tempfile.TemporaryDirectory() as tmp:
-            args.cache = args.cache or tmp
-            figures = cpu_tiny(args)
-        for name, ips in figures.items():
-            print(f"  {name:12s} {ips:8.1f} images/s")
-        return 0
-    if not torch.cuda.is_available():
-        print("--gpu needs a CUDA device", file=sys.stderr)
-        return 1
-    args.new_tokens = args.new_tokens or 64
-    torch.backends.cuda.matmul.allow_tf32 = True
-    dtype = torch.bfloat16
-    only = set(args.only.split(","))
-    mode = "eager" if args.eager else "compiled (static KV cache for LLaVA)"
-    print(f"real-size architectures, random init, bf16, {mode}, on {torch.cuda.get_device_name()}:")
-    results = {}
-    if "captions" in only:
-        results["captions (both prompts)"] = (gpu_captions(args, dtype), 20)
-    if "grounding" in only:
-        results["grounding"] = (gpu_grounding(args, dtype), 30)
-    if "embeddings" in only:
-        e, v, both = gpu_embeddings_latents(args, dtype)
-        results["embeddings + latents"] = (both, 300)
-    for name, (ips, goal) in results.items():
-        print(f"  {name:26s} {ips:8.1f} images/s  (goal >= {goal}: {'met' if ips >= goal else 'NOT met'})")
+
+    from benchmarks.prepare import make_corpus
+    from pipeline.annotate_phase import STAGES, check_stages, prepare_stages, stage_ids, stage_kwargs
+    from spasem.config import load_config
+    from spasem.profiles import resolve_models
+
+    torch.set_num_threads(args.threads)
+    overrides = ["data.hr_size=512", "data.crops_per_image=2", f"data.shard_size={14 * args.copies}",
+                 "data.min_size=256", f"models.cache_dir={args.cache}", "annotate.captions.max_new_tokens=16"]
+    if args.gpu:
+        overrides += ["models.device=cuda", "models.dtype=bfloat16"]
+    if args.backend:
+        overrides.append(f"annotate.captions.backend={args.backend}")
+    overrides += args.overrides
+    with tempfile.TemporaryDirectory(prefix="bench-annotate-") as tmp:
+        corpus, out = Path(tmp) / "corpus", str(Path(tmp) / "out")
+        make_corpus(corpus, args.copies)
+        cfg = load_config(args.config, overrides, input=str(corpus), output=out)
+        n = make_pairs(cfg, corpus)
+        names = check_stages(prepare_stages(cfg))
+        paths = resolve_models(cfg.models)
+        ids = stage_ids(cfg, names)
+        stages = {name: STAGES[name](**stage_kwargs(cfg, name, paths)) for name in names}
+        clock = ModelClock()
+        for stage in stages.values():
+            clock.watch(stage)
+        device = cfg.models.device
+        print(f"annotate phase, one shard of {n} samples ({cfg.data.hr_size} px HR, {cfg.data.lr_size} px LR), "
+              f"profile {cfg.models.profile}, {device}, {args.threads} torch thread(s), machine: {os.cpu_count()} "
+              f"cores; median of {args.repeats} after a warm-up")
+        results = {}
+        for mode in ("processors", "torch") if args.only_mode is None else (args.only_mode,):
+            for stage in stages.values():
+                set_processors(stage, mode == "processors")
+            times = defaultdict(list)
+            for r in range(args.repeats + 1):
+                if r == 1:
+                    times.clear()  # the first pass warmed up every step at this size
+                run_once(cfg, names, stages, ids, times, clock, r)
+            results[mode] = summarize(times, n)
+            print_table(f"preprocessing: {mode}", results[mode])
+        if len(results) == 2:
+            before, after = (results[m]["whole phase"] for m in ("processors", "torch"))
+            print(f"CPU ms per sample outside model calls, whole phase: processors {before[1] - before[2]:.2f}, "
+                  f"torch {after[1] - after[2]:.2f} ({(after[1] - after[2]) / (before[1] - before[2]):.2f}x)")
+        if not args.gpu:
+            from pipeline.annotate_phase import load_pairs
+            from spasem.shards import PAIRS_DIR
+
+            pixels = load_pairs({"shard": np.asarray([0])}, cfg.storage.open(cfg.output).child(PAIRS_DIR))
+            real_size_preprocessing(pixels["hr"], pixels["lr"], args.repeats)
+        if args.ray:
+            cfg_args = (["--config", args.config] if args.config else []) + [
+                a for o in overrides if not o.startswith("models.cache_dir") for a in ("--set", o)]
+            run_ray([*cfg_args, "--set", f"models.cache_dir={os.path.abspath(args.cache)}"], out)
     return 0
 
 
