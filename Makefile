@@ -1,22 +1,33 @@
-# `make demo` and `make test` create .venv and install on first use: torch pinned first (the CPU
-# wheel; an unpinned torch would pull GBs of CUDA wheels), then this project with its extras.
+# `make demo` and `make test` create .venv and install on first use: torch pinned first, the CPU build
+# from PyTorch's CPU index (PyPI's Linux wheel pulls GBs of CUDA libraries); where that index cannot be
+# reached, pip's own configured index or wheel folder must hold it. Then this project, every dependency
+# pinned by requirements.lock (`make lock` rewrites it from a working .venv).
 PYTHON ?= python3
+TORCH  ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= runs/demo
 DEMO_STEPS ?= 20
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev,s3]'
+	$(BIN)/python -m pip install --quiet --index-url $(TORCH_INDEX) $(TORCH) \
+		|| $(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# the exact versions of a .venv whose tests pass; torch without its build tag (+cpu, +cu128), so the
+# lock holds for any build of that version
+lock:
+	{ echo "# pip constraints: the versions \`make test\` last passed with (written by \`make lock\`)"; \
+	  $(BIN)/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > requirements.lock
 
 # the whole chain on the bundled sample photos with the tiny profile: prepare -> a short training
 # (the last shard held out) -> upscale the held-out LR images with the export -> evaluate against their HR

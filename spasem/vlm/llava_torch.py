@@ -1,6 +1,7 @@
 """The optional ``llava-torch`` caption backend (the original LLaVA code base), behind the caption interface.
 
-Installed only with the ``llava`` extra (``pip install 'spasem-sr[llava]'``); never imported unless
+Not an extra of this project: llava-torch pins torch 2.0.1 and transformers 4.36, so it needs an environment
+of its own (a venv or a Ray ``runtime_env``); never imported unless
 ``annotate.captions.backend=llava_torch``. It loads the original (non ``-hf``) LLaVA checkpoints such
 as ``liuhaotian/llava-v1.5-7b`` and decodes greedily with the ``llava_v1`` conversation template.
 """
@@ -13,8 +14,8 @@ import numpy as np
 import torch
 
 INSTALL_HINT = (
-    "annotate.captions.backend=llava_torch needs the optional 'llava-torch' package: "
-    "pip install 'spasem-sr[llava]' (or set annotate.captions.backend=transformers, the default)"
+    "annotate.captions.backend=llava_torch needs the optional 'llava-torch' package, which pins torch 2.0.1: "
+    "install it in an environment of its own (or set annotate.captions.backend=transformers, the default)"
 )
 
 
