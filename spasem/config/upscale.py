@@ -1,5 +1,8 @@
 """Config section of ``pipeline.upscale`` (issue 7); `spasem.config` composes it into the one tree.
 
+The defaults (DDIM, realism 0.5, wavelet colour fix) are project choices that no paper reports;
+``preset: xpsr`` is XPSR's released sampling (docs/upscale.md says where each value comes from).
+
 Units: ``tile_size``, ``tile_overlap`` and ``vae_tile_size`` are in *latent* pixels; one latent pixel
 is ``vae_scale_factor`` (8) output pixels, so the default 64 / 16 means 512-pixel tiles overlapping
 by 128 output pixels, Stable Diffusion 1.5's native size. See docs/upscale.md.
@@ -87,7 +90,8 @@ class UpscaleConfig(_Section):
     tile_batch: int = Field(8, ge=1, description="tiles per model call (x2 with guidance)")
     vae_tile_size: int | None = Field(None, ge=8, description="VAE encode/decode tile in latent px (default tile_size)")
     realism: float = Field(
-        0.5, ge=0.0, le=1.0, description="0 faithful (close to the bicubic input) .. 1 generative (more detail)"
+        0.5, ge=0.0, le=1.0,
+        description="project heuristic: 0 faithful (close to the bicubic input) .. 1 plain sampling from the noised LR",
     )
     color_fix: Literal["none", "wavelet", "adain"] = Field("wavelet", description="colour correction toward the input")
     seed: int = Field(0, description="base seed; each image's noise comes from (seed, relative path)")
