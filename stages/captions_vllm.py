@@ -1,0 +1,89 @@
+"""Captions through ``ray.data.llm``: a vLLM engine pool in its own runtime_env, one row per (image, prompt).
+
+Where :class:`spasem.vlm.vllm_backend.VllmLlava` runs an engine inside each captions actor, this
+builds Ray Data's own LLM processor (``vLLMEngineProcessorConfig`` + ``build_processor``): Ray sizes
+the engine pool, feeds it rows as they stream, and installs vLLM per actor from ``RUNTIME_ENV`` (vLLM
+pins its own torch). The rows carry the prompt text already rendered by the checkpoint's chat
+template and the image; ray.data.llm's chat-template, tokenize and detokenize stages are off
+because vLLM tokenizes the prompt itself and returns text. Requests are greedy and prefix-cached,
+with the same prompts and cleaning as the other backends (:mod:`spasem.vlm.vllm_backend`).
+
+:func:`prompt_rows` expands image rows into request rows and :func:`collect_answers` folds the
+answers back per key, so only keys and text move after the engine, never pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from spasem.config.annotate import CaptionsConfig, ModelsConfig
+from spasem.vlm.vllm_backend import RUNTIME_ENV, clean, engine_kwargs, sampling_params
+
+
+def prompt_rows(keys: Sequence[str], images: Sequence[np.ndarray], asks: Sequence[tuple[str, str]]
+                ) -> list[dict[str, Any]]:
+    """One request row per (image, ask): ``key``, ``answer`` (the output column), ``prompt`` (rendered), ``image``.
+
+    ``asks``: (output column, prompt text already through the chat template) pairs, e.g.
+    ``[("caption_high", ...), ("caption_low", ...)]``.
+    """
+    return [{"key": str(key), "answer": name, "prompt": text, "image": np.asarray(image, np.uint8)}
+            for key, image in zip(keys, images, strict=True) for name, text in asks]
+
+
+def collect_answers(rows: Sequence[dict[str, Any]], names: Sequence[str], keys: Sequence[str] = ()
+                    ) -> dict[str, dict[str, str]]:
+    """Answer rows (``key``, ``answer``, ``text``, in any order) -> key -> {column: cleaned text}.
+
+    A key (of those seen, and of ``keys``) missing an answer is an error naming it: a request was lost.
+    """
+    out: dict[str, dict[str, str]] = {str(k): {} for k in keys}
+    for row in rows:
+        out.setdefault(str(row["key"]), {})[str(row["answer"])] = clean(row["text"])
+    for key, answers in out.items():
+        missing = [n for n in names if n not in answers]
+        if missing:
+            raise RuntimeError(f"vLLM captions: key {key!r} has no answer for {missing}")
+    return out
+
+
+def _preprocess(max_new_tokens: int):
+    params = sampling_params(max_new_tokens)
+
+    def preprocess(row: dict[str, Any]) -> dict[str, Any]:
+        from PIL import Image
+
+        return {"key": row["key"], "answer": row["answer"], "prompt": row["prompt"],
+                "multimodal_data": {"image": Image.fromarray(np.asarray(row["image"], np.uint8))},
+                "sampling_params": params}
+
+    return preprocess
+
+
+def _postprocess(row: dict[str, Any]) -> dict[str, Any]:
+    return {"key": row["key"], "answer": row["answer"], "text": row["generated_text"]}
+
+
+def processor_config(section: CaptionsConfig, models: ModelsConfig, path: str) -> dict[str, Any]:
+    """Arguments of ``vLLMEngineProcessorConfig``: the captions pool's size and batch, vLLM in its own env."""
+    return {
+        "model_source": path,
+        "engine_kwargs": engine_kwargs(models.dtype, section.max_new_tokens),
+        "runtime_env": RUNTIME_ENV,
+        "batch_size": section.batch_size,
+        "concurrency": section.pool_size,
+        "chat_template_stage": False,  # prompts arrive rendered by the checkpoint's own template
+        "tokenize_stage": False,
+        "detokenize_stage": False,
+    }
+
+
+def build_caption_processor(section: CaptionsConfig, models: ModelsConfig, path: str):
+    """The ``ray.data.llm`` processor: request rows (:func:`prompt_rows`) in, ``key``/``answer``/``text`` out."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    config = vLLMEngineProcessorConfig(**processor_config(section, models, path))
+    return build_processor(config, preprocess=_preprocess(section.max_new_tokens), postprocess=_postprocess)

@@ -1,0 +1,157 @@
+"""The vLLM caption backend around its engine: prompts, greedy requests, answers, the recorded model id.
+
+vLLM is never installed here (it pins its own torch): a stand-in ``vllm`` module records what the
+backend sends and answers from the prompt, so everything but the engine runs on CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from spasem.config import annotate as annotate_cfg
+from spasem.config import load_config
+from spasem.vlm import vllm_backend
+from spasem.vlm.vllm_backend import (
+    LLAVA15_FORMAT,
+    RUNTIME_ENV,
+    build_requests,
+    chat_prompt,
+    engine_kwargs,
+    parse_outputs,
+    sampling_params,
+)
+from stages.captions_vllm import collect_answers, processor_config, prompt_rows
+
+PROMPTS = [p for p in (annotate_cfg.HIGH_PROMPT, annotate_cfg.LOW_PROMPT, getattr(annotate_cfg, "OBJECTS_PROMPT", None))
+           if p]
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory) -> str:
+    from spasem.profiles import ensure_tiny
+
+    return ensure_tiny(tmp_path_factory.mktemp("tiny-llava"), ("llava",))["llava"]
+
+
+class FakeVllm(types.ModuleType):
+    """``vllm.LLM`` / ``SamplingParams`` stand-ins: answer each request with its prompt, padded with whitespace."""
+
+    def __init__(self):
+        super().__init__("vllm")
+        fake = self
+        self.engines, self.calls = [], []
+
+        class LLM:
+            def __init__(self, model, **kwargs):
+                fake.engines.append({"model": model, **kwargs})
+
+            def generate(self, requests, params, use_tqdm=True):
+                fake.calls.append((requests, params))
+                return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"  {r['prompt'][-30:]}\n ")])
+                        for r in requests]
+
+        self.LLM, self.SamplingParams = LLM, lambda **kw: dict(kw)
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch) -> FakeVllm:
+    fake = FakeVllm()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    return fake
+
+
+def test_prompts_are_the_transformers_backends_llava15_prompts(llava):
+    """The same text reaches vLLM as the transformers backend feeds LLaVA, for every XPSR prompt."""
+    from transformers import AutoProcessor
+
+    from spasem.vlm.llava import TransformersLlava
+
+    processor = AutoProcessor.from_pretrained(llava)
+    reference = TransformersLlava.__new__(TransformersLlava)
+    reference.processor = processor
+    for prompt in PROMPTS:
+        assert chat_prompt(prompt, processor) == reference.prompt_text(prompt)
+        # and LLaVA-1.5's conversation format, used for a checkpoint without a template
+        assert chat_prompt(prompt) == LLAVA15_FORMAT.format(prompt=prompt) == f"USER: <image>\n{prompt} ASSISTANT:"
+
+
+def test_requests_are_greedy_prompt_major_with_one_image_each():
+    images = [np.full((8, 8, 3), v, np.uint8) for v in (10, 200)]
+    requests = build_requests(images, ["p1", "p2"])
+    assert [r["prompt"] for r in requests] == ["p1", "p1", "p2", "p2"]
+    assert [int(np.asarray(r["multi_modal_data"]["image"])[0, 0, 0]) for r in requests] == [10, 200, 10, 200]
+    params = sampling_params(64)
+    assert params["temperature"] == 0.0 and params["n"] == 1 and params["max_tokens"] == 64
+    kwargs = engine_kwargs("bfloat16", 64)
+    assert kwargs["enable_prefix_caching"] and kwargs["limit_mm_per_prompt"] == {"image": 1}
+    assert kwargs["dtype"] == engine_kwargs("torch.bfloat16", 64)["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="float8"):
+        engine_kwargs("float8", 64)
+
+
+def test_answers_are_cleaned_and_split_per_prompt():
+    texts = [" a  cat\n", "a dog ", "sharp", " noisy\tand dark "]
+    assert parse_outputs(texts, n_images=2, n_prompts=2) == [["a cat", "a dog"], ["sharp", "noisy and dark"]]
+    with pytest.raises(RuntimeError, match="3 answers for 2 images x 2 prompts"):
+        parse_outputs(texts[:3], 2, 2)
+
+
+def test_without_vllm_the_error_names_the_extra_and_the_runtime_env(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import fails as when it is not installed
+    with pytest.raises(ImportError, match="'vllm' extra") as err:
+        vllm_backend.VllmLlava("any", "cuda", "bfloat16", 16)
+    assert str(RUNTIME_ENV) in str(err.value)
+    with pytest.raises(ValueError, match="models.device='cpu'"):
+        vllm_backend.VllmLlava("any", "cpu", "bfloat16", 16)
+
+
+def test_captions_stage_on_vllm_writes_the_same_members_and_model_id(llava, fake_vllm):
+    """``annotate.captions.backend=vllm``: the stage's columns, caption.json and the marker's model id."""
+    from pipeline.annotate_phase import stage_ids
+    from spasem.shards import decode_member, encode_annotations
+    from stages.captions import Captioner
+
+    cfg = load_config(None, ["annotate.captions.backend=vllm", "models.device=cuda", "models.dtype=bfloat16",
+                             "annotate.captions.max_new_tokens=24"])
+    stage = Captioner(cfg.annotate.captions, cfg.models, {"llava": llava})
+    engine = fake_vllm.engines[0]
+    assert engine["model"] == llava and engine["enable_prefix_caching"] and engine["dtype"] == "bfloat16"
+    batch = {"key": np.asarray(["a", "b"], object), "lr": np.zeros((2, 16, 16, 3), np.uint8)}
+    out = stage(batch)
+    assert list(out["status"]) == ["ok", "ok"]
+    requests, params = fake_vllm.calls[0]
+    assert params["temperature"] == 0.0 and params["max_tokens"] == 24
+    assert {r["prompt"] for r in requests} >= {chat_prompt(cfg.annotate.captions.high_prompt),
+                                               chat_prompt(cfg.annotate.captions.low_prompt)}
+    # the fake answers with the prompt's tail, cleaned as the transformers backend cleans
+    assert out["caption_high"][0] == chat_prompt(cfg.annotate.captions.high_prompt)[-30:].strip()
+    assert out["caption_low"][1] == " ".join(chat_prompt(cfg.annotate.captions.low_prompt)[-30:].split())
+    ids = stage_ids(cfg, ["captions"])
+    assert ids == stage_ids(load_config(None, []), ["captions"])  # the backend is not part of the model id
+    row = {k: v[0] for k, v in out.items()}
+    caption = decode_member("json", encode_annotations(row, ids)["caption.json"])
+    assert caption == {"high": out["caption_high"][0], "low": out["caption_low"][0], "model": ids["captions"]}
+
+
+def test_ray_data_llm_rows_and_config():
+    """Request rows for ray.data.llm, the answers folded back per key, vLLM in its own runtime_env."""
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    rows = prompt_rows(["k1", "k2"], [np.zeros((4, 4, 3), np.uint8)] * 2, [("caption_high", "H"), ("caption_low", "L")])
+    assert [(r["key"], r["answer"], r["prompt"]) for r in rows] == [
+        ("k1", "caption_high", "H"), ("k1", "caption_low", "L"), ("k2", "caption_high", "H"), ("k2", "caption_low", "L")]
+    answers = [{"key": r["key"], "answer": r["answer"], "text": f" {r['prompt']}  {r['key']} "} for r in reversed(rows)]
+    assert collect_answers(answers, ["caption_high", "caption_low"]) == {
+        "k1": {"caption_high": "H k1", "caption_low": "L k1"}, "k2": {"caption_high": "H k2", "caption_low": "L k2"}}
+    with pytest.raises(RuntimeError, match="'k2' has no answer for \\['caption_low'\\]"):
+        collect_answers(answers[1:], ["caption_high", "caption_low"])
+    with pytest.raises(RuntimeError, match="'k3' has no answer"):
+        collect_answers(answers, ["caption_high", "caption_low"], keys=["k1", "k2", "k3"])
+    cfg = load_config(None, ["models.dtype=bfloat16"])
+    config = vLLMEngineProcessorConfig(**processor_config(cfg.annotate.captions, cfg.models, "llava-hf/llava-1.5-7b-hf"))
+    assert config.runtime_env == RUNTIME_ENV and config.engine_kwargs["enable_prefix_caching"]
+    assert config.batch_size == cfg.annotate.captions.batch_size
