@@ -89,12 +89,16 @@ def step(times: dict[str, list[tuple[float, float, float]]], name: str, clock: M
     times[name].append((time.perf_counter() - wall, time.process_time() - cpu, clock.seconds - model))
 
 
-def make_pairs(cfg, corpus: Path) -> int:
-    """Prepare's shard builder writes ``OUT/pairs/shard-000000`` from the corpus; returns its sample count."""
+def make_pairs(cfg) -> int:
+    """Prepare's shard builder writes ``OUT/pairs/shard-000000`` from the input photos; returns its sample count."""
+    from PIL import Image
+
     from pipeline.prepare import list_inputs
     from pipeline.shard_phase import ShardBuilder
 
-    files = list_inputs(cfg)[0]
+    size = cfg.data.hr_size
+    # photos at least one crop wide (headers only); a smaller one would be a reject, not a sample
+    files = [f for f in list_inputs(cfg)[0] if min(Image.open(os.path.join(cfg.input, f)).size) >= size]
     return ShardBuilder(cfg).build(0, files)["count"]
 
 
@@ -196,7 +200,7 @@ def main(argv=None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="dotted.key=value")
     parser.add_argument("--gpu", action="store_true", help="models.device=cuda, models.dtype=bfloat16")
     parser.add_argument("--backend", default=None, help="annotate.captions.backend (transformers | vllm | ...)")
-    parser.add_argument("--copies", type=int, default=1, help="copies of the 7 corpus photos (2 crops each)")
+    parser.add_argument("--crops", type=int, default=2, help="data.crops_per_image (samples = photos x crops)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time equals work done)")
     parser.add_argument("--only-mode", choices=("processors", "torch"), default=None)
@@ -204,24 +208,22 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=".cache/models", help="tiny model cache")
     args = parser.parse_args(argv)
 
-    from benchmarks.prepare import make_corpus
     from pipeline.annotate_phase import STAGES, check_stages, prepare_stages, stage_ids, stage_kwargs
-    from spasem.config import load_config
+    from spasem.config import load_config, sample_photos
     from spasem.profiles import resolve_models
 
     torch.set_num_threads(args.threads)
-    overrides = ["data.hr_size=512", "data.crops_per_image=2", f"data.shard_size={14 * args.copies}",
-                 "data.min_size=256", f"models.cache_dir={args.cache}", "annotate.captions.max_new_tokens=16"]
+    # the bundled photos at least data.hr_size on the short side (the shard builder rejects the others)
+    overrides = ["data.hr_size=512", f"data.crops_per_image={args.crops}", "data.shard_size=4096", f"models.cache_dir={args.cache}", "annotate.captions.max_new_tokens=16"]
     if args.gpu:
         overrides += ["models.device=cuda", "models.dtype=bfloat16"]
     if args.backend:
         overrides.append(f"annotate.captions.backend={args.backend}")
     overrides += args.overrides
     with tempfile.TemporaryDirectory(prefix="bench-annotate-") as tmp:
-        corpus, out = Path(tmp) / "corpus", str(Path(tmp) / "out")
-        make_corpus(corpus, args.copies)
-        cfg = load_config(args.config, overrides, input=str(corpus), output=out)
-        n = make_pairs(cfg, corpus)
+        out = str(Path(tmp) / "out")
+        cfg = load_config(args.config, overrides, input=sample_photos(), output=out)
+        n = make_pairs(cfg)
         names = check_stages(prepare_stages(cfg))
         paths = resolve_models(cfg.models)
         ids = stage_ids(cfg, names)
@@ -257,7 +259,7 @@ def main(argv=None) -> int:
         if args.ray:
             cfg_args = (["--config", args.config] if args.config else []) + [
                 a for o in overrides if not o.startswith("models.cache_dir") for a in ("--set", o)]
-            run_ray([*cfg_args, "--set", f"models.cache_dir={os.path.abspath(args.cache)}"], out)
+            run_ray(["--input", sample_photos(), *cfg_args, "--set", f"models.cache_dir={os.path.abspath(args.cache)}"], out)
     return 0
 
 

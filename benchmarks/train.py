@@ -1,13 +1,14 @@
 """Training throughput: steps/s, samples/s, data-wait share and peak memory of ``training.launch``.
 
 Default (CPU): the tiny profile, 2 gloo workers, ZeRO-2, on shards prepared from scikit-image photos;
-the figures come from the run's own ``metrics.jsonl`` (the first logged interval, start-up, is left
-out). Goal: the Ray Data loader keeps up, data wait < 10% of step time.
+the figures come from the run's own ``metrics.jsonl`` (median of the logged intervals; the first,
+start-up, is left out), and the CPU seconds of the driver and the local Ray cluster under it per
+trained sample. Goal: the Ray Data loader keeps up, data wait < 10% of step time.
 
 ``--gpu``: the real-size SD 1.5 UNet/VAE/text encoder, CLIP ViT-L/14 and DINOv2-base from
 ``configs/models`` (random init, no downloads) + the Spatial-Semantic ControlNet, bf16, ZeRO-2, 512 px.
-It first searches the largest per-GPU batch that fits (one process, synthetic batches, doubling then
-bisecting), then runs ``training.launch`` on real 512 px shards with that batch for loader figures.
+It first searches the largest per-GPU batch that fits (MODEL ONLY: one process, synthetic batches
+already on the GPU), then runs ``training.launch`` on real 512 px shards with that batch for loader figures.
 Goal on one H100: >= 10 samples/s (the original ControlNet trains at ~5.3 samples/s on an A100-40G).
 """
 
@@ -59,41 +60,88 @@ def prepare(work: Path, copies: int, hr_size: int, shard_size: int, extra: list[
     return out
 
 
+class TreeCpu:
+    """Process CPU seconds of this driver and every process under it (the local Ray cluster it starts:
+    GCS, raylet, Ray Data and Train workers), sampled every ``period`` s so exited workers still count."""
+
+    def __init__(self, period: float = 0.5):
+        import threading
+
+        self.period, self.seen, self._stop = period, {}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                self.seen[proc.pid] = max(self.seen.get(proc.pid, 0.0), t.user + t.system)
+            except psutil.Error:  # exited between the listing and the read
+                pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self._sample()
+
+    def __enter__(self) -> TreeCpu:
+        self._sample()
+        self.start = sum(self.seen.values())
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.seconds = sum(self.seen.values()) - self.start
+
+
 def summarize(run: Path, rows_per_step: int) -> dict[str, float]:
+    """Median over the logged intervals (the first, start-up, left out) of the run's own metrics."""
+    from statistics import median
+
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     timed = [m for m in lines if "samples_per_s" in m][1:]  # the first interval holds start-up
     if not timed:
         raise RuntimeError(f"too few logged steps in {run}/metrics.jsonl; raise --steps")
-    samples_per_s = sum(m["samples_per_s"] for m in timed) / len(timed)
+    samples_per_s = median(m["samples_per_s"] for m in timed)
     return {
         "steps_per_s": samples_per_s / rows_per_step,
         "samples_per_s": samples_per_s,
-        "data_wait_share": sum(m["data_wait_share"] for m in timed) / len(timed),
+        "data_wait_share": median(m["data_wait_share"] for m in timed),
         "peak_host_mb": max(m.get("peak_host_mb", 0.0) for m in lines),
         "peak_gpu_mb": max(m.get("peak_gpu_mb", 0.0) for m in lines),
         "final_loss": lines[-1].get("loss", float("nan")),
     }
 
 
-def launch(prepared: Path, run: Path, sets: list[str]) -> None:
+def launch(prepared: Path, run: Path, sets: list[str]) -> float:
+    """Run ``training.launch`` (Ray Data shard streams into Ray Train workers); returns its CPU seconds."""
     from training.launch import main as launch_main
 
     args = ["--input", str(prepared), "--output", str(run)] + [a for s in sets for a in ("--set", s)]
-    if launch_main(args) != 0:
-        raise RuntimeError("training.launch failed")
+    with TreeCpu() as cpu:
+        if launch_main(args) != 0:
+            raise RuntimeError("training.launch failed")
+    return cpu.seconds
 
 
 def cpu_benchmark(args: argparse.Namespace, work: Path) -> None:
     prepared = prepare(work, args.copies, 128, 8, ["ray.num_cpus=4"])
     workers, batch = 2, args.batch_size
-    launch(prepared, work / "run", [
+    cpu = launch(prepared, work / "run", [
         f"train.num_workers={workers}", f"train.batch_size={batch}", "train.cpus_per_worker=0.5",
         f"train.max_steps={args.steps}", f"train.log_every={args.log_every}", "train.checkpoint_every=100000",
         "train.export_with_checkpoint=false", "deepspeed.stage=2", "ray.num_cpus=4",
     ])
     r = summarize(work / "run", batch * workers)
-    print(f"tiny profile on CPU, {workers} gloo workers x batch {batch}, 128 px, ZeRO-2, {args.steps} steps")
+    samples = args.steps * batch * workers
+    print(f"tiny profile on CPU, training.launch through Ray Data: {workers} gloo workers x batch {batch}, 128 px, "
+          f"ZeRO-2, {args.steps} steps (median of the logged intervals after the first)")
     print(f"  {r['steps_per_s']:.2f} steps/s, {r['samples_per_s']:.1f} samples/s, "
+          f"{1000 * cpu / samples:.0f} CPU ms per sample (whole run, start-up included, all processes), "
           f"data wait {100 * r['data_wait_share']:.1f}% of step time (goal < 10%), "
           f"peak host memory per worker {r['peak_host_mb']:.0f} MiB")
 
@@ -176,7 +224,8 @@ def largest_batch(paths: dict[str, str], sizes: list[int], steps: int) -> list[d
 
 def gpu_benchmark(args: argparse.Namespace, work: Path) -> None:
     paths = build_real_size(Path(args.models_dir))
-    print("real-size SD 1.5 + Spatial-Semantic ControlNet (random init), bf16, ZeRO-2, 512 px, 1 GPU")
+    print("MODEL ONLY (synthetic batches already on the GPU, no Ray Data): real-size SD 1.5 + Spatial-Semantic "
+          "ControlNet (random init), bf16, ZeRO-2, 512 px, 1 GPU")
     results = largest_batch(paths, [int(b) for b in args.batch_sizes.split(",")], args.gpu_steps)
     if not results:
         print("  not even the smallest batch fits")
@@ -187,7 +236,7 @@ def gpu_benchmark(args: argparse.Namespace, work: Path) -> None:
     if args.skip_loader:
         return
     prepared = prepare(work, args.copies, 512, 64, [])
-    launch(prepared, work / "run", [
+    cpu = launch(prepared, work / "run", [
         "train.num_workers=1", "train.use_gpu=true", f"train.batch_size={best['batch']}",
         "train.cpus_per_worker=4", f"train.max_steps={args.steps}", f"train.log_every={args.log_every}",
         "train.checkpoint_every=100000", "train.export_with_checkpoint=false", "deepspeed.stage=2",
@@ -196,6 +245,7 @@ def gpu_benchmark(args: argparse.Namespace, work: Path) -> None:
     ])
     r = summarize(work / "run", best["batch"])
     print(f"through training.launch (Ray Data from 512 px shards): {r['samples_per_s']:.1f} samples/s, "
+          f"{1000 * cpu / (args.steps * best['batch']):.0f} CPU ms per sample (whole run), "
           f"data wait {100 * r['data_wait_share']:.1f}%, peak GPU {r['peak_gpu_mb'] / 1024:.1f} GiB")
 
 
