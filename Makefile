@@ -1,7 +1,8 @@
-# `make demo` and `make test` create .venv and install on first use: torch pinned first, the CPU build
-# from PyTorch's CPU index (PyPI's Linux wheel pulls GBs of CUDA libraries); where that index cannot be
-# reached, pip's own configured index or wheel folder must hold it. Then this project, every dependency
-# pinned by requirements.lock (`make lock` rewrites it from a working .venv).
+# `make demo` and `make test` create .venv and install on first use: torch pinned first, its CPU build
+# from PyTorch's CPU index (PyPI's Linux wheel pulls GBs of CUDA libraries); only torch itself comes from
+# there (--no-deps), so an unreachable index costs one lookup, not one per dependency; then torch's
+# dependencies from pip's own index (which also supplies torch itself when the CPU index had none).
+# Then this project, every dependency pinned by requirements.lock (`make lock` rewrites it).
 PYTHON ?= python3
 TORCH  ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
@@ -16,8 +17,8 @@ DEMO_STEPS ?= 20
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --index-url $(TORCH_INDEX) $(TORCH) \
-		|| $(BIN)/python -m pip install --quiet $(TORCH)
+	-$(BIN)/python -m pip install --quiet --retries 1 --no-deps --index-url $(TORCH_INDEX) $(TORCH)
+	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
