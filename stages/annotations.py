@@ -13,7 +13,6 @@ run or alone in a resumed one.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -90,38 +89,3 @@ class AnnotationStage:
                 yield i, self.process(batch, [i])[0]
             except Exception as exc:  # noqa: BLE001 - a failure is data: this row becomes a reject
                 yield i, exc
-
-
-# words that are never objects to ground: function words, verbs of scene descriptions, quality terms
-_STOP = set(
-    """a an the of on in with and or but is are was were be been being there this that these those it its
-    his her their our your my he she they we you i to from for as at by near into onto over under above below
-    behind beside between next while which who whom whose what where when how very slightly somewhat quite
-    some several many few two three four five one other another each both all any such image picture photo
-    photograph scene view shot quality clarity clear sharp blurry blur noise noisy grainy color colors colour
-    lighting exposure contrast detail details texture resolution low high good poor excellent average overall
-    well soft vivid natural dull appears seems shows showing depicts depicting features featuring has have
-    having can could may might also visible background foreground front top left right center middle side
-    standing sitting holding wearing looking lying walking riding using please provide descriptive summary
-    content describe evaluate based factors user assistant system""".split()
-)
-
-
-def extract_objects(caption: str, max_objects: int) -> list[str]:
-    """Grounding queries from a caption: runs of content words between stop words, first seen first.
-
-    A deterministic stand-in for a noun-phrase parser ("a man riding a red bicycle" -> ["man", "red
-    bicycle"]): no tagger model, so identical input gives identical queries everywhere.
-    """
-    phrases: list[str] = []
-    current: list[str] = []
-    for word in re.findall(r"[a-z]+|[^a-z\s]", caption.lower()):
-        if word.isalpha() and len(word) > 1 and word not in _STOP and not word.endswith("ing"):
-            current.append(word)
-            continue
-        if current:
-            phrases.append(" ".join(current[-3:]))  # the head noun ends an English noun phrase
-            current = []
-    if current:
-        phrases.append(" ".join(current[-3:]))
-    return list(dict.fromkeys(phrases))[:max_objects]

@@ -1,9 +1,13 @@
 """Captions stage: LLaVA's high-level (content) and low-level (quality) captions, and the objects to ground.
 
-As in XPSR, both prompts are asked about the LR image (``annotate.captions.on``). Generation is
-batched, left-padded and greedy, so the same image always gets the same caption. The objects are the
-noun phrases of the high-level caption (:func:`stages.annotations.extract_objects`), capped at
-``annotate.captions.max_objects``; they become the grounding stage's queries.
+Each prompt is asked about the image XPSR uses for it (``annotate.captions.high_on``, ``low_on``):
+in training the high-level caption describes the HR and the quality caption the LR, as XPSR's
+``localdataset.py`` pairs them; where there is no HR (upscale, as XPSR's ``test.py``) every prompt
+goes to the LR. A third prompt (``objects_prompt``) asks the LR, the image grounding runs on, for
+its objects as short noun phrases; :func:`spasem.vlm.phrases.parse_objects` turns the answer into
+at most ``max_objects`` queries for the grounding stage. Prompts about the same image run in one
+call, so the backend shares that image's prefix between them. Generation is batched, left-padded
+and greedy, so the same image always gets the same answers.
 
 Backends sit behind :class:`CaptionBackend`: ``transformers`` (``LlavaForConditionalGeneration``, the
 default) or ``llava_torch`` (the original LLaVA code, the optional ``llava`` extra).
@@ -19,7 +23,8 @@ import torch
 
 from spasem.config.annotate import CaptionsConfig, ModelsConfig
 from spasem.encoders import torch_dtype
-from stages.annotations import AnnotationStage, extract_objects
+from spasem.vlm.phrases import parse_objects
+from stages.annotations import AnnotationStage
 
 
 class CaptionBackend(Protocol):
@@ -38,7 +43,11 @@ def make_backend(name: str, path: str, device: str, dtype: torch.dtype, max_new_
         from spasem.vlm.llava_torch import LlavaTorch
 
         return LlavaTorch(path, device, dtype, max_new_tokens)
-    raise ValueError(f"annotate.captions.backend={name!r} is not known; use 'transformers' or 'llava_torch'")
+    if name == "vllm":
+        from spasem.vlm.vllm_backend import VllmLlava
+
+        return VllmLlava(path, device, dtype, max_new_tokens)
+    raise ValueError(f"annotate.captions.backend={name!r} is not known; use 'transformers', 'llava_torch' or 'vllm'")
 
 
 class Captioner(AnnotationStage):
@@ -55,13 +64,26 @@ class Captioner(AnnotationStage):
             section.compile,
         )
 
+    def _asks(self, batch: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
+        """Image column -> the (output, prompt) pairs asked about it; ``hr`` falls back to ``lr`` without one."""
+        cfg = self.cfg
+        asks = [("caption_high", cfg.high_on, cfg.high_prompt), ("caption_low", cfg.low_on, cfg.low_prompt)]
+        if cfg.max_objects > 0:
+            asks.append(("objects", "lr", cfg.objects_prompt))
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for name, on, prompt in asks:
+            groups.setdefault("hr" if on == "hr" and "hr" in batch else "lr", []).append((name, prompt))
+        return groups
+
     def process(self, batch: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
-        column = "hr" if self.cfg.on == "hr" and "hr" in batch else "lr"
-        images = [np.asarray(batch[column][i], np.uint8) for i in rows]
-        high, low = self.backend.caption(images, [self.cfg.high_prompt, self.cfg.low_prompt])
+        answers: dict[str, list[str]] = {"objects": [""] * len(rows)}
+        for column, asks in self._asks(batch).items():
+            images = [np.asarray(batch[column][i], np.uint8) for i in rows]
+            replies = self.backend.caption(images, [prompt for _, prompt in asks])
+            answers.update({name: reply for (name, _), reply in zip(asks, replies, strict=True)})
         return [
-            {"caption_high": h, "caption_low": lo, "objects": extract_objects(h, self.cfg.max_objects)}
-            for h, lo in zip(high, low, strict=True)
+            {"caption_high": h, "caption_low": lo, "objects": parse_objects(o, self.cfg.max_objects)}
+            for h, lo, o in zip(answers["caption_high"], answers["caption_low"], answers["objects"], strict=True)
         ]
 
     def placeholder(self, batch: dict[str, Any], row: int) -> dict[str, Any]:

@@ -1,12 +1,15 @@
-"""Grounding stage: Grounding DINO boxes for the caption's objects, normalized xyxy in the HR frame.
+"""Grounding stage: Grounding DINO boxes for the objects the MLLM listed, on the LR, normalized xyxy.
 
 Each row's objects become one query text (``"red car . dog ."``, Grounding DINO's format). For every
 predicted query box the stage scores each phrase by the highest token probability inside that phrase's
 tokens; a box is kept when its best phrase scores above ``box_threshold`` and ``text_threshold``.
 Then per-phrase NMS (in torch: torchvision is never required), sorted by score, at most ``max_boxes``
-(the smaller of ``annotate.grounding.max_boxes`` and ``model.max_boxes``). Without an ``hr`` column (upscale)
-the detector sees the LR as it is: its processor resizes every image to its own input size anyway, and
-coordinates are normalized, so they are the output frame's (upsampling a 16 MP input first would cost GBs).
+(the smaller of ``annotate.grounding.max_boxes`` and ``model.max_boxes``).
+
+The detector always sees the LR, in prepare as in upscale: inference has nothing else, so training on
+boxes found in the HR would teach the model boxes it never gets. Its processor resizes the LR to the
+detector's input size (800 px short side for the real model); boxes are normalized to [0, 1], and the
+LR is the HR crop scaled by ``1 / data.scale``, so the same numbers hold in the HR frame.
 """
 
 from __future__ import annotations
@@ -74,6 +77,20 @@ def select_boxes(probs: torch.Tensor, boxes_cxcywh: torch.Tensor, spans: list[li
     return names, xyxy[kept].float().numpy().reshape(-1, 4), score[kept].float().numpy().reshape(-1)
 
 
+def input_size(size: dict[str, int], config: Any) -> dict[str, int]:
+    """The processor's resize target, raised so the detector's coarsest feature map has more than one pixel.
+
+    Its last level is the backbone's stride times 2 per extra level; at one pixel, GroupNorm refuses a
+    batch of one (the tiny profile's 64 px square image). The real model's 800 px is far above it.
+    """
+    backbone = config.backbone_config
+    stages = len(getattr(backbone, "depths", ())) or 4
+    extra = max(0, config.num_feature_levels - len(getattr(backbone, "out_features", ())))
+    least = getattr(backbone, "patch_size", 4) * 2 ** (stages - 1 + extra) + 1
+    short = max(int(size["shortest_edge"]), least)
+    return {"shortest_edge": short, "longest_edge": max(int(size.get("longest_edge", short)), short)}
+
+
 class Grounder(AnnotationStage):
     """Adds ``phrases`` (list of str), ``boxes`` (float32 ``[K,4]``) and ``scores`` (float32 ``[K]``)."""
 
@@ -90,9 +107,11 @@ class Grounder(AnnotationStage):
         self.model = GroundingDinoForObjectDetection.from_pretrained(
             paths["grounding_dino"], dtype=torch_dtype(models.dtype)
         ).to(models.device).eval()
+        self.size = input_size(self.processor.image_processor.size, self.model.config)
 
-    def _image(self, batch: dict[str, Any], i: int) -> np.ndarray:
-        return np.asarray(batch["hr" if "hr" in batch else "lr"][i], np.uint8)
+    @staticmethod
+    def _image(batch: dict[str, Any], i: int) -> np.ndarray:
+        return np.asarray(batch["lr"][i], np.uint8)
 
     @torch.no_grad()
     def process(self, batch: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
@@ -105,7 +124,7 @@ class Grounder(AnnotationStage):
         if todo:
             texts = [" . ".join(objects[i]) + " ." for i in todo]
             inputs = self.processor(images=[self._image(batch, i) for i in todo], text=texts, padding=True,
-                                    return_tensors="pt").to(self.model.device)
+                                    size=self.size, return_tensors="pt").to(self.model.device)
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
             result = self.model(**inputs)
             probs = result.logits.float().sigmoid().cpu()

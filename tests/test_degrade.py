@@ -226,6 +226,7 @@ def test_usm_sharp_equals_basicsr(photo):
         unit = np.ascontiguousarray(img[..., ::-1]).astype(np.float32) / 255
         ref = basicsr_usm_sharp(unit)
         assert np.abs(usm_sharp(unit) - ref).max() < 1e-6
+        assert np.abs(usm_sharp(np.ascontiguousarray(img[..., ::-1])) - ref).max() < 1e-6  # uint8 in
         assert np.abs(ref - unit).max() > 0.05  # it does sharpen
     unit = photo[:96, :96].astype(np.float32) / 255
     assert np.abs(usm_sharp(unit, 0.8, 20, 4) - basicsr_usm_sharp(unit, 0.8, 20, 4)).max() < 1e-6

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 HIGH_PROMPT = "Please provide a descriptive summary of the content of this image"
@@ -12,6 +14,8 @@ LOW_PROMPT = (
     "Please describe the quality of this image and evaluate it based on factors such as clarity, color, "
     "noise, and lighting"
 )
+# the grounding queries: asked after the same image prefix as the captions, so it costs only its tokens
+OBJECTS_PROMPT = "List the objects in this image as short noun phrases, separated by commas"
 
 
 class _Section(BaseModel):
@@ -43,9 +47,13 @@ class CaptionsConfig(StagePoolConfig):
     backend: str = Field("transformers", description="transformers | llava_torch")
     high_prompt: str = HIGH_PROMPT
     low_prompt: str = LOW_PROMPT
+    objects_prompt: str = Field(OBJECTS_PROMPT, description="asked about the LR: the objects grounding looks for")
     max_new_tokens: int = Field(64, ge=1)
-    on: str = Field("lr", description="caption the lr (XPSR) or hr image")
-    max_objects: int = Field(8, ge=0)
+    high_on: Literal["hr", "lr"] = Field(
+        "hr", description="image of the high-level caption: hr as XPSR trains (upscale has only the lr)"
+    )
+    low_on: Literal["lr", "hr"] = Field("lr", description="image of the low-level (quality) caption: lr as XPSR")
+    max_objects: int = Field(8, ge=0, description="objects listed for grounding (0: no objects prompt)")
 
 
 class GroundingConfig(StagePoolConfig):

@@ -105,7 +105,7 @@ def sharpen(crop: np.ndarray, usm: UsmParams | None) -> np.ndarray:
     if crop.dtype != np.uint8 or crop.ndim != 3 or crop.shape[2] != 3:
         raise ValueError(f"expected an RGB uint8 image HxWx3, got {crop.dtype} {crop.shape}")
     # per-channel maths, so RGB needs no conversion; rounding as XPSR's cv2.imwrite of 255 * gt
-    return unit_to_uint8(usm_sharp(uint8_to_unit(crop), usm.weight, usm.radius, usm.threshold))
+    return unit_to_uint8(usm_sharp(crop, usm.weight, usm.radius, usm.threshold))
 
 
 def synthesize(crop: np.ndarray, preset: str, seed: int, scale: int, usm: bool | None = None

@@ -132,17 +132,22 @@ def _usm_kernel(radius: int) -> np.ndarray:
 
 
 def usm_sharp(img: np.ndarray, weight: float = 0.5, radius: int = 50, threshold: float = 10) -> np.ndarray:
-    """BasicSR ``usm_sharp`` on a float32 HxWx3 image in [0, 1]: unsharp masking where the detail is strong.
+    """BasicSR ``usm_sharp``: unsharp masking where the detail is strong, float32 HxWx3 in [0, 1] out.
 
     ``sharp = img + weight * (img - blur)``, kept where ``|img - blur| * 255 > threshold`` through a
-    blurred mask. The maths and the order of operations are BasicSR's; the mask is blurred from
-    uint8 0/1 straight into float32 (one conversion pass less) and the blend is written
-    ``img + mask * (sharp - img)``: both change the result only by float32 rounding.
+    blurred mask. ``img`` is float32 in [0, 1] as BasicSR takes it, or uint8 (read as ``img / 255``).
+    The maths and the order of operations are BasicSR's; the blurs read uint8 straight into float32
+    (one conversion pass less) and the blend is written ``img + mask * (sharp - img)``: both change
+    the result only by float32 rounding.
     """
     if radius % 2 == 0:
         radius += 1
     taps = _usm_kernel(radius)
-    blurred = cv2.sepFilter2D(img, -1, taps, taps, borderType=_BORDER)  # = GaussianBlur((r, r), 0)
+    if img.dtype == np.uint8:
+        blurred = cv2.sepFilter2D(img, cv2.CV_32F, taps, taps / np.float32(255.0), borderType=_BORDER)
+        img = uint8_to_unit(img)
+    else:
+        blurred = cv2.sepFilter2D(img, -1, taps, taps, borderType=_BORDER)  # = GaussianBlur((r, r), 0)
     residual = cv2.subtract(img, blurred)
     detail = np.multiply(cv2.absdiff(img, blurred), np.float32(255.0))  # numpy: cv2's scalar path is 3x slower
     strong = cv2.compare(detail, float(threshold), cv2.CMP_GT)

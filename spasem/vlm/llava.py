@@ -1,15 +1,17 @@
-"""The default caption backend: LLaVA through transformers, both prompts in one greedy ``generate``.
+"""The default caption backend: LLaVA through transformers, all prompts about an image in one greedy ``generate``.
 
 ``AutoProcessor`` applies the checkpoint's chat template and expands ``<image>`` into the vision
 tokens; ``LlavaForConditionalGeneration`` generates. All (prompt, image) pairs of a micro-batch decode
 together: decoding reads every weight once per step whatever the batch, so twice the rows cost far
 less than twice the calls.
 
-The two prompts share everything up to the end of the image ("USER: <image>...<image>\\n"), about 580
-of LLaVA-1.5's ~610 prompt tokens. With ``share_prefix`` (the default) that prefix, the vision tower
-included, runs once per image; its KV cache is tiled over the prompts, and each row continues with
-its own prompt tokens, padded in the middle (masked, positions from the mask, as left padding is).
-That halves the prefill, which is most of the time at large batches on a GPU.
+The prompts (high-level caption, quality caption, object list) share everything up to the end of the
+image ("USER: <image>...<image>\\n"), about 580 of LLaVA-1.5's ~610 prompt tokens. With
+``share_prefix`` (the default) that prefix, the vision tower included, runs once per image; its KV
+cache is tiled over the prompts, and each row continues with its own prompt tokens, padded in the
+middle (masked, positions from the mask, as left padding is). A further prompt about the same image
+then costs only its own tokens and its answer; with two prompts this halves the prefill, which is
+most of the time at large batches on a GPU.
 """
 
 from __future__ import annotations
