@@ -101,8 +101,13 @@ class ImageEncoders:
     use_processors: bool = False
 
     def __post_init__(self):
-        self.clip_transform = ImageTransform.from_processor(self.clip_processor)
-        self.dino_transform = ImageTransform.from_processor(self.dino_processor)
+        # a processor the torch transforms do not reproduce keeps running itself (None: use it)
+        self.transforms = {}
+        for name in ("clip", "dino"):
+            try:
+                self.transforms[name] = ImageTransform.from_processor(getattr(self, f"{name}_processor"))
+            except ValueError:
+                self.transforms[name] = None
 
     @classmethod
     def load(cls, clip_path: str, dino_path: str, device: str | torch.device = "cpu",
@@ -121,11 +126,11 @@ class ImageEncoders:
     def pixels(self, name: str, images: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor:
         """``pixel_values`` of encoder ``name`` (``clip`` | ``dino``) for uint8 ``[B,H,W,3]`` images of any sizes."""
         model = getattr(self, name)
-        if self.use_processors:
+        if self.use_processors or self.transforms[name] is None:
             proc = getattr(self, f"{name}_processor")
             ims = [np.asarray(im.cpu() if isinstance(im, torch.Tensor) else im, np.uint8) for im in images]
             return proc(images=ims, return_tensors="pt").pixel_values.to(model.device, model.dtype)
-        return getattr(self, f"{name}_transform")(images, model.device, model.dtype)["pixel_values"]
+        return self.transforms[name](images, model.device, model.dtype)["pixel_values"]
 
     @torch.no_grad()
     def encode(self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
