@@ -68,7 +68,8 @@ class ModelClock:
         seen: set[int] = set()
         for obj in [stage, *vars(stage).values()]:
             for value in [obj, *getattr(obj, "__dict__", {}).values()]:
-                if isinstance(value, torch.nn.Module) and id(value) not in seen:
+                engine = type(value).__module__.startswith("vllm")  # the vLLM backend's engine is no torch module
+                if (isinstance(value, torch.nn.Module) or engine) and id(value) not in seen:
                     seen.add(id(value))
                     for name in MODEL_METHODS:
                         if callable(getattr(value, name, None)):
@@ -98,8 +99,14 @@ def make_pairs(cfg) -> int:
 
     size = cfg.data.hr_size
     # photos at least one crop wide (headers only); a smaller one would be a reject, not a sample
-    files = [f for f in list_inputs(cfg)[0] if min(Image.open(os.path.join(cfg.input, f)).size) >= size]
-    return ShardBuilder(cfg).build(0, files)["count"]
+    def big_enough(name: str) -> bool:
+        try:
+            with Image.open(os.path.join(cfg.input, name)) as im:
+                return min(im.size) >= size
+        except OSError:  # not an image PIL opens: the reader would reject it too
+            return False
+
+    return ShardBuilder(cfg).build(0, [f for f in list_inputs(cfg)[0] if big_enough(f)])["count"]
 
 
 def run_once(cfg, names, stages, ids, times, clock: ModelClock, repeat: int) -> None:
