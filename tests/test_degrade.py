@@ -19,6 +19,7 @@ from spasem.degrade.ops import add_gaussian_noise, add_poisson_noise, blur, jpeg
 from spasem.degrade.params import PRESETS, DegradationParams, UsmParams, sample_params
 from stages.degrade import Degrade
 
+
 @pytest.fixture(scope="module")
 def photo() -> np.ndarray:
     return skimage.data.astronaut()  # 512x512 RGB uint8, a real photo
