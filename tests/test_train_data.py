@@ -11,7 +11,7 @@ from spasem.config import load_config
 from spasem.shards import ShardWriter, encode_json, encode_npy, encode_png
 from spasem.storage import LocalStore, open_store
 from training.checkpoints import TrainState, latest_checkpoint, resume_point
-from training.data import DataError, rank_dataset, to_torch, training_shards
+from training.data import DataError, rank_dataset, stream_plan, to_torch, training_shards
 from training.deepspeed_config import build_deepspeed_config
 
 
@@ -40,34 +40,84 @@ def _write_shards(folder: Path, counts: list[int], annotated: bool) -> list[list
     return keys
 
 
-def _stream(plan, rank, world, batch, skip, steps) -> list[str]:
-    ds = rank_dataset(plan, rank, world, batch, 1, skip, steps, max_boxes=4)
-    return [k for b in ds.iter_batches(batch_size=batch, batch_format="numpy") for k in b["key"]]
+def _stream(plan, rank, world, batch, epoch, epoch_step, steps) -> list[list[str]]:
+    ds = rank_dataset(plan, rank, world, batch, 1, epoch, epoch_step, steps, max_boxes=4)
+    return [list(b["key"]) for b in ds.iter_batches(batch_size=batch, batch_format="numpy")]
 
 
-def test_worker_streams_partition_the_epoch_and_resume_skips_exactly(tmp_path, ray_cluster):
-    keys = _write_shards(tmp_path / "shards", [3, 4, 3, 5], annotated=False)
-    plan = training_shards(str(tmp_path))
-    assert [s.count for s in plan.shards] == [3, 4, 3, 5] and plan.members == ()
-    per_epoch = plan.steps_per_epoch(2, 2)  # worker 0: 3+3 samples, worker 1: 4+5 -> 3 steps of 2
-    assert per_epoch == 3
-    full = {r: _stream(plan, r, 2, 2, 0, per_epoch) for r in (0, 1)}
-    assert full[0] == keys[0] + keys[2] and full[1] == (keys[1] + keys[3])[:6]
-    assert not set(full[0]) & set(full[1])
-    for skip in (1, 2):  # a resume after `skip` steps continues with exactly the next samples
-        for r in (0, 1):
-            assert _stream(plan, r, 2, 2, skip, per_epoch - skip) == full[r][2 * skip:]
+def _planned(plan, rank, world, rows_per_step, epoch) -> list[str]:
+    per_epoch = plan.steps_per_epoch(world, rows_per_step, epoch)
+    return [k for w in plan.windows(rank, world, epoch, per_epoch * rows_per_step) for k in w.keys]
 
 
+def test_each_epoch_is_a_new_seeded_order_that_covers_every_sample_once(tmp_path):
+    keys = _write_shards(tmp_path / "shards", [4] * 6, annotated=False)
+    plan = training_shards(str(tmp_path), seed=7, shuffle_window=2)
+    everything = sorted(k for shard in keys for k in shard)
+    epochs = []
+    for epoch in (0, 1):
+        streams = [_planned(plan, r, 2, 2, epoch) for r in (0, 1)]
+        seen = streams[0] + streams[1]
+        assert sorted(seen) == everything  # none twice, none skipped
+        epochs.append(streams)
+    assert epochs[0] != epochs[1] and epochs[0][0] != sorted(epochs[0][0])  # shuffled, and anew each epoch
+    # a pure function of (seed, epoch, rank): planned again, the same; another seed, another order
+    again = training_shards(str(tmp_path), seed=7, shuffle_window=2)
+    assert [_planned(again, r, 2, 2, 1) for r in (0, 1)] == epochs[1]
+    assert [_planned(training_shards(str(tmp_path), seed=8, shuffle_window=2), r, 2, 2, 0) for r in (0, 1)] != epochs[0]
+
+
+def test_stream_plan_resumes_mid_epoch_and_runs_on_into_the_next(tmp_path):
+    _write_shards(tmp_path / "shards", [4, 3, 4, 5], annotated=False)
+    plan = training_shards(str(tmp_path), seed=1, shuffle_window=2)
+    rows = 2
+    per = [plan.steps_per_epoch(2, rows, e) for e in range(3)]
+
+    def keys_of(items, rank):
+        out = []
+        for it in items:
+            per_epoch = plan.steps_per_epoch(2, rows, it["epoch"])
+            window = plan.windows(rank, 2, it["epoch"], per_epoch * rows)[it["window"]]
+            out += window.keys[it["start"]:it["stop"]]
+        return out
+
+    for rank in (0, 1):
+        whole = keys_of(stream_plan(plan, rank, 2, rows, 0, 0, per[0] + per[1] + 1), rank)
+        expected = _planned(plan, rank, 2, rows, 0) + _planned(plan, rank, 2, rows, 1)
+        assert whole[: len(expected)] == expected and len(whole) == len(expected) + rows
+        for skip in range(1, per[0]):  # a checkpoint after `skip` steps: the rest is exactly the remainder
+            rest = keys_of(stream_plan(plan, rank, 2, rows, 0, skip, per[0] + per[1] - skip), rank)
+            assert rest == expected[skip * rows:]
+
+
+@pytest.mark.slow
+def test_worker_streams_follow_the_plan_and_spread_the_crops_of_a_photo(tmp_path, ray_cluster):
+    # each shard holds the 4 crops of one photo, written next to each other as prepare writes them
+    keys = _write_shards(tmp_path / "shards", [4] * 4, annotated=False)
+    plan = training_shards(str(tmp_path), seed=3, shuffle_window=2)
+    per_epoch = plan.steps_per_epoch(2, 4)
+    for rank in (0, 1):
+        batches = _stream(plan, rank, 2, 4, 0, 0, 2 * per_epoch)
+        flat = [k for b in batches for k in b]
+        assert flat == _planned(plan, rank, 2, 4, 0) + _planned(plan, rank, 2, 4, 1)
+        for batch in batches:  # in shard order every batch would be one photo's 4 crops
+            assert len({k.split("_")[0] for k in batch}) > 1, batches
+        # resumed after one step of epoch 1: exactly the samples the uninterrupted stream had next
+        resumed = [k for b in _stream(plan, rank, 2, 4, 1, 1, per_epoch - 1) for k in b]
+        assert resumed == flat[(per_epoch + 1) * 4:]
+    assert {k.split("_")[0] for shard in keys for k in shard} == {"img00", "img01", "img02", "img03"}
+
+
+@pytest.mark.slow
 def test_annotated_members_are_decoded_and_padded(tmp_path, ray_cluster):
     _write_shards(tmp_path / "shards", [2, 2], annotated=True)
     plan = training_shards(str(tmp_path))
     assert set(plan.members) == {"latent.npy", "caption.json", "boxes.json"}
-    ds = rank_dataset(plan, 0, 1, 2, 1, 0, 2, max_boxes=4)
+    ds = rank_dataset(plan, 0, 1, 2, 1, 0, 0, 2, max_boxes=4)
     batch = to_torch(next(iter(ds.iter_batches(batch_size=2, batch_format="numpy"))))
     assert batch["hr"].shape == (2, 3, 32, 32) and batch["lr"].shape == (2, 3, 8, 8)
     assert -1.0 <= float(batch["hr"].min()) and float(batch["hr"].max()) <= 1.0
-    assert batch["latent"].shape == (2, 8, 4, 4) and batch["caption_high"][0].startswith("photo img00")
+    assert batch["latent"].shape == (2, 8, 4, 4) and batch["caption_high"][0].startswith("photo img0")
     assert batch["phrases"] == [["cat", "dog"], ["cat", "dog"]]
     assert batch["boxes"].shape == (2, 4, 4) and batch["box_mask"].tolist() == [[1, 1, 0, 0]] * 2
     assert "extra" not in batch and "extra.pyd" not in batch  # unknown members never leave the tar
@@ -96,12 +146,17 @@ def test_latest_checkpoint_needs_every_rank(tmp_path):
 
 
 def test_resume_point_rolls_epochs_and_restarts_on_new_geometry():
-    assert resume_point(None, 2, 1, 1, 5) == TrainState(0, 0, 0, 2, 1, 1)
+    def five(epoch):
+        return 5
+
+    assert resume_point(None, 2, 1, 1, five) == TrainState(0, 0, 0, 2, 1, 1)
     done = TrainState(step=10, epoch=1, epoch_step=5, world_size=2, batch_size=1, grad_accum=1)
-    assert resume_point(done, 2, 1, 1, 5) == TrainState(10, 2, 0, 2, 1, 1)
+    assert resume_point(done, 2, 1, 1, five) == TrainState(10, 2, 0, 2, 1, 1)
     mid = TrainState(step=7, epoch=1, epoch_step=2, world_size=2, batch_size=1, grad_accum=1)
-    assert resume_point(mid, 2, 1, 1, 5) == mid
-    assert resume_point(mid, 4, 1, 1, 5) == TrainState(7, 2, 0, 4, 1, 1)  # the old sample order is gone
+    assert resume_point(mid, 2, 1, 1, five) == mid
+    assert resume_point(mid, 4, 1, 1, five) == TrainState(7, 2, 0, 4, 1, 1)  # the old sample order is gone
+    # epochs differ in length once shards are permuted: the rollover asks each epoch its own
+    assert resume_point(done, 2, 1, 1, lambda epoch: 3 if epoch == 1 else 4) == TrainState(10, 2, 2, 2, 1, 1)
 
 
 @pytest.mark.parametrize("stage,precision,offload", [(1, "fp32", False), (2, "bf16", True), (3, "bf16", True)])

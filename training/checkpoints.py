@@ -8,8 +8,8 @@ Layout::
         config.yaml                           resolved config
         deepspeed/...                         DeepSpeed per-rank model/optimizer/scheduler state
         ema.safetensors                       EMA of the trainable weights (train.ema)
-        ranks/rank-R.json                     one per rank: the checkpoint is complete when all exist
-    RUN_URI/export/                           SpatialSemanticSRPipeline.save_pretrained (+ config.yaml)
+        ranks/rank-R.json                     one per rank, written after the rank's upload: complete when all exist
+    RUN_URI/export/                           SpatialSemanticSRPipeline.save_pretrained (+ config.yaml, README.md)
 
 The resume point is "the newest complete checkpoint"; the dataset factory (on the controller) and
 every worker apply the same rule to the same files, so model state and data position always agree.
@@ -23,10 +23,11 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from spasem.config import StorageConfig
+from spasem.config import Config, StorageConfig, config_to_yaml
 from spasem.storage import LocalStore, Store, download_tree, upload_tree
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,10 @@ class TrainState:
 
 
 def resume_point(state: TrainState | None, world: int, batch_size: int, grad_accum: int,
-                 steps_per_epoch: int) -> TrainState:
-    """Normalize a checkpoint's state for this run: a finished epoch rolls over; a changed batch geometry
-    (workers, batch, accumulation) cannot continue the epoch's sample order, so the next epoch starts."""
+                 steps_per_epoch: Callable[[int], int]) -> TrainState:
+    """Normalize a checkpoint's state for this run: a finished epoch rolls over (``steps_per_epoch(epoch)``:
+    epochs may differ in length); a changed batch geometry (workers, batch, accumulation) cannot continue
+    the epoch's sample order, so the next epoch starts."""
     geometry = dict(world_size=world, batch_size=batch_size, grad_accum=grad_accum)
     if state is None:
         return TrainState(**geometry)
@@ -71,8 +73,8 @@ def resume_point(state: TrainState | None, world: int, batch_size: int, grad_acc
         log.warning("batch geometry changed since the checkpoint (%s -> %s): starting epoch %d afresh",
                     (state.world_size, state.batch_size, state.grad_accum), (world, batch_size, grad_accum), epoch + 1)
         epoch, epoch_step = epoch + 1, 0
-    if epoch_step >= steps_per_epoch:
-        epoch, epoch_step = epoch + epoch_step // steps_per_epoch, epoch_step % steps_per_epoch
+    while epoch_step and epoch_step >= steps_per_epoch(epoch):
+        epoch, epoch_step = epoch + 1, epoch_step - steps_per_epoch(epoch)
     return TrainState(state.step, epoch, epoch_step, **geometry)
 
 
@@ -90,6 +92,13 @@ def latest_checkpoint(run: Store) -> tuple[str, TrainState] | None:
             if best is None or state.step > best[1].step:
                 best = (name, state)
     return best
+
+
+def mark_rank_done(run: Store, name: str, rank: int, step: int) -> None:
+    """``ranks/rank-R.json`` of checkpoint ``name``, written only after Ray Train's upload of this rank's
+    files returned: a rank killed mid-upload (another rank failed meanwhile) leaves no marker, so its
+    partial checkpoint is never taken for a complete one."""
+    run.write(f"{CHECKPOINTS}/{name}/ranks/rank-{rank}.json", json.dumps({"rank": rank, "step": step}).encode())
 
 
 def fetch_checkpoint(run: Store, name: str, rank: int) -> tuple[str, bool]:
@@ -117,14 +126,49 @@ def ray_storage(run_uri: str, storage: StorageConfig):
     return (path if fs is not None else os.path.abspath(os.path.expanduser(path))), fs
 
 
-def publish_export(local: str | Path, run: Store, config_yaml: str, step: int) -> str:
-    """Publish a ``save_pretrained`` folder as RUN_URI/export/ (with the resolved config); returns its URL.
+# licences of the base models a run can start from; anything else: the user checks the base model's card
+LICENCES = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
+    "stabilityai/stable-diffusion-2-1": "openrail++",
+    "stabilityai/stable-diffusion-2-1-base": "openrail++",
+    "openai/clip-vit-large-patch14": "mit",
+    "facebook/dinov2-base": "apache-2.0",
+}
+
+
+def model_card(cfg: Config, step: int, epoch: int, data: str) -> str:
+    """README.md of an export: what was trained, on what, for how long, from which base and under which licence."""
+    m = cfg.models
+    bases = {"sd": m.sd, "clip_vision": m.clip_vision, "dinov2": m.dinov2}
+    if m.profile == "tiny":
+        licence, lines = "other", ["random-init tiny test models (profile `tiny`): no licence applies, not for use"]
+    else:
+        licence = LICENCES.get(m.sd, "other")
+        lines = [f"`{name}`: `{ref}`, licence: {LICENCES.get(ref, 'see the model card of ' + ref)}"
+                 for name, ref in bases.items()]
+    return (f"---\nlicense: {licence}\nbase_model: {m.sd if m.profile != 'tiny' else 'tiny'}\n"
+            f"tags: [super-resolution, controlnet, xpsr]\nlibrary_name: diffusers\n---\n\n"
+            f"# Spatial-Semantic ControlNet super-resolution\n\n"
+            f"Trained by `python -m training.launch` for {step} optimizer steps (epoch {epoch}) with "
+            f"{cfg.train.num_workers} workers x batch {cfg.train.batch_size} x accumulation {cfg.train.grad_accum}.\n\n"
+            f"## Data\n\n{data}\n\n## Base models\n\n" + "".join(f"- {line}\n" for line in lines)
+            + "\nThe trained weights inherit the base model's licence and its use restrictions.\n\n"
+            f"## Config\n\n```yaml\n{config_to_yaml(cfg)}```\n")
+
+
+def publish_export(local: str | Path, run: Store, config_yaml: str, step: int, card: str = "") -> str:
+    """Publish a ``save_pretrained`` folder as RUN_URI/export/ (with the resolved config and the model card
+    ``card`` as README.md); returns its URL.
 
     Locally the new folder replaces the old one by rename, so a reader never sees a half export. On S3
     the files are PUT one by one and ``export/export.json`` (the step) is written last.
     """
     local = Path(local)
     (local / "config.yaml").write_text(config_yaml)
+    if card:
+        (local / "README.md").write_text(card)
     (local / "export.json").write_text(json.dumps({"step": step}))
     target = run.child(EXPORT)
     if isinstance(target, LocalStore):
@@ -141,15 +185,3 @@ def publish_export(local: str | Path, run: Store, config_yaml: str, step: int) -
         upload_tree(local, target, last="export.json")
     return run.url(EXPORT)
 
-
-def fault_marker(run: Store, step: int) -> str:
-    return f"faults/step-{step:08d}.json"
-
-
-def inject_fault_once(run: Store, step: int, rank: int) -> None:
-    """PIPELINE_FAULT_AT_STEP: raise once at ``step``; the marker under RUN_URI makes "once" survive restarts."""
-    marker = fault_marker(run, step)
-    if run.exists(marker):
-        return
-    run.write(marker, json.dumps({"step": step, "rank": rank}).encode())
-    raise RuntimeError(f"injected fault at step {step} on rank {rank} (PIPELINE_FAULT_AT_STEP)")

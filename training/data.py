@@ -1,12 +1,20 @@
-"""Training data: WebDataset shards -> Ray Data (read, decode, batch) -> one stream per worker.
+"""Training data: WebDataset shards -> Ray Data (read, shuffle, decode, batch) -> one stream per worker.
 
-Order is a pure function of the shard listing, so a resumed run continues exactly where the last
-checkpoint stopped. Worker ``r`` of ``W`` owns shards ``r, r+W, r+2W, ...`` (read in order, samples
-in tar order), so it reads only its own bytes; one epoch is ``steps_per_epoch`` optimizer steps, the
-same on every worker (the smallest stream sets it; the tail of longer streams waits for the next
-epoch). A checkpoint records ``(epoch, epoch_step)``; on resume each worker drops its fully consumed
-shards and filters out exactly the consumed keys of its current shard *before* decoding, so within an
-epoch no sample is seen twice or skipped.
+Order is a pure function of ``(train.seed, epoch, rank)`` and the shard listing, so epochs differ
+and a resumed run continues exactly where the last checkpoint stopped:
+
+- each epoch permutes the shards (seed, epoch); worker ``r`` of ``W`` takes every W-th shard of that
+  permutation, so it reads only its own bytes;
+- inside a worker's stream, each window of ``train.shuffle_window`` consecutive shards is a shuffle
+  buffer: its samples are permuted by (seed, epoch, rank, window), so the crops one photo left next to
+  each other in a shard land in different batches;
+- one epoch is ``steps_per_epoch(epoch)`` optimizer steps, the same on every worker (the smallest
+  stream of that epoch sets it; the tail of longer streams is left out of that epoch only).
+
+The order is planned from the listing's keys, never drawn from Ray's random shuffles, so a
+checkpoint's ``(epoch, epoch_step)`` names the exact next sample: on resume a worker's stream starts
+at that position, its consumed keys dropped before decoding. The whole rest of the run (all remaining
+epochs) is one dataset per worker.
 
 Ray's ``streaming_split`` hands blocks to whichever worker asks first, which makes the sample->step
 mapping depend on timing; exact resume needs a deterministic mapping, hence one unsplit dataset per
@@ -16,6 +24,7 @@ Only ``.png``, ``.json`` and ``.npy`` members are decoded (``np.load(allow_pickl
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from spasem.columns import stable_seed
 from spasem.config import StorageConfig
 from spasem.pixels import to_signed_np
 from spasem.shards import (
@@ -48,31 +58,59 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
+class Window:
+    """One shuffle window of a worker's epoch: the shards it reads and its keys in training order."""
+
+    shards: tuple[ShardInfo, ...]
+    keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ShardPlan:
-    """The training shards in order, the optional members they carry, and where they live."""
+    """The training shards, the optional members they carry, where they live, and the order rule."""
 
     root: str
     shards: tuple[ShardInfo, ...]
     members: tuple[str, ...]
     val: tuple[ShardInfo, ...] = field(default=())
+    seed: int = 0
+    window: int = 1  # shards per shuffle window
 
-    def rank_shards(self, rank: int, world: int) -> tuple[ShardInfo, ...]:
-        return self.shards[rank::world]
+    def rank_shards(self, rank: int, world: int, epoch: int) -> tuple[ShardInfo, ...]:
+        """Worker ``rank``'s shards in epoch ``epoch``: every ``world``-th of the epoch's permutation."""
+        order = np.random.default_rng(stable_seed(self.seed, "shards", epoch)).permutation(len(self.shards))
+        return tuple(self.shards[i] for i in order[rank::world])
 
-    def steps_per_epoch(self, world: int, rows_per_step: int) -> int:
-        """Optimizer steps per epoch: every worker must fill each step, so the smallest stream decides."""
+    def steps_per_epoch(self, world: int, rows_per_step: int, epoch: int = 0) -> int:
+        """Optimizer steps of ``epoch``: every worker must fill each step, so the smallest stream decides."""
         if len(self.shards) < world:
             raise DataError(f"{len(self.shards)} training shards for {world} workers: each worker needs at least "
                             f"one shard; lower train.num_workers or write smaller shards (data.shard_size)")
-        rows = min(sum(s.count for s in self.rank_shards(r, world)) for r in range(world))
+        rows = min(sum(s.count for s in self.rank_shards(r, world, epoch)) for r in range(world))
         steps = rows // rows_per_step
         if steps == 0:
-            raise DataError(f"the smallest worker stream has {rows} samples, fewer than one step "
+            raise DataError(f"the smallest worker stream of epoch {epoch} has {rows} samples, fewer than one step "
                             f"(batch_size x grad_accum = {rows_per_step}); lower train.batch_size")
         return steps
 
+    def windows(self, rank: int, world: int, epoch: int, rows: int) -> list[Window]:
+        """Worker ``rank``'s epoch as shuffle windows, cut after ``rows`` samples (the epoch's length)."""
+        shards = self.rank_shards(rank, world, epoch)
+        out: list[Window] = []
+        for index, start in enumerate(range(0, len(shards), self.window)):
+            if rows <= 0:
+                break
+            group = shards[start:start + self.window]
+            keys = [k for s in group for k in s.keys]
+            rng = np.random.default_rng(stable_seed(self.seed, "window", epoch, rank, index))
+            keys = [keys[i] for i in rng.permutation(len(keys))][:rows]
+            rows -= len(keys)
+            out.append(Window(group, tuple(keys)))
+        return out
 
-def training_shards(uri: str, val_shards: int = 0, storage: StorageConfig | None = None) -> ShardPlan:
+
+def training_shards(uri: str, val_shards: int = 0, storage: StorageConfig | None = None, seed: int = 0,
+                    shuffle_window: int = 1) -> ShardPlan:
     """The finished shards under ``uri`` (a prepare output, its ``shards/`` folder or one tar), the last
     ``val_shards`` non-empty ones held out for validation."""
     folder, infos = list_shards((storage or StorageConfig()).open(uri))
@@ -88,12 +126,57 @@ def training_shards(uri: str, val_shards: int = 0, storage: StorageConfig | None
     missing = [m for m in IMAGE_MEMBERS if m not in first]
     if missing:
         raise DataError(f"shard {folder.url(train[0].rel)} has no {missing} members: not a training shard")
-    return ShardPlan(folder.uri, tuple(train), members, tuple(val))
+    return ShardPlan(folder.uri, tuple(train), members, tuple(val), seed, shuffle_window)
 
 
 def _select_member(fname: str) -> bool:
     # read only what training uses: unknown members (and anything pickled) never leave the tar
     return fname.partition(".")[2] in WANTED
+
+
+def stream_plan(plan: ShardPlan, rank: int, world: int, rows_per_step: int, epoch: int, epoch_step: int,
+                num_steps: int) -> list[dict[str, int]]:
+    """The read tasks of ``num_steps`` steps from ``(epoch, epoch_step)``: ``{epoch, window, start, stop}``
+    each, ``start:stop`` slicing the window's ordered keys (a resumed window starts past its consumed keys)."""
+    items: list[dict[str, int]] = []
+    while num_steps > 0:
+        per_epoch = plan.steps_per_epoch(world, rows_per_step, epoch)
+        take = min(per_epoch - epoch_step, num_steps)
+        first, end, pos = epoch_step * rows_per_step, (epoch_step + take) * rows_per_step, 0
+        for index, window in enumerate(plan.windows(rank, world, epoch, per_epoch * rows_per_step)):
+            lo, hi = max(first - pos, 0), min(end - pos, len(window.keys))
+            if lo < hi:
+                items.append({"epoch": epoch, "window": index, "start": lo, "stop": hi})
+            pos += len(window.keys)
+        num_steps -= max(take, 0)
+        epoch, epoch_step = epoch + 1, 0
+    return items
+
+
+def _read_window(item: dict[str, Any], plan: ShardPlan, rank: int, world: int, rows_per_step: int,
+                 storage: StorageConfig, columns: tuple[str, ...]):
+    """Ray Data flat_map: one window's samples, raw members, in the planned order."""
+    epoch, index = int(item["epoch"]), int(item["window"])
+    per_epoch = plan.steps_per_epoch(world, rows_per_step, epoch)
+    window = plan.windows(rank, world, epoch, per_epoch * rows_per_step)[index]
+    wanted = window.keys[int(item["start"]):int(item["stop"])]
+    need, found = set(wanted), {}
+    folder = storage.open(plan.root)
+    for shard in window.shards:
+        if not need.isdisjoint(shard.keys):
+            for key, members in read_tar(folder.read(shard.rel)):
+                if key in need:
+                    found[key] = {m: v for m, v in members.items() if _select_member(f"x.{m}")}
+    for key in wanted:
+        members = found.get(key)
+        if members is None:
+            raise DataError(f"sample {key!r} listed in {[s.rel for s in window.shards]} under {plan.root} is "
+                            "missing: the shard changed since the run was planned")
+        absent = [c for c in columns if c not in members]
+        if absent:
+            raise DataError(f"sample {key!r} under {plan.root} lacks {absent}; every training shard must carry "
+                            "the members of the first one")
+        yield {"__key__": key, **{c: members[c] for c in columns}}
 
 
 class DecodeBatch:
@@ -131,29 +214,24 @@ class DecodeBatch:
         return out
 
 
-def rank_dataset(plan: ShardPlan, rank: int, world: int, batch_size: int, grad_accum: int, skip_steps: int,
-                 num_steps: int, max_boxes: int, storage: StorageConfig | None = None,
+def rank_dataset(plan: ShardPlan, rank: int, world: int, batch_size: int, grad_accum: int, epoch: int,
+                 epoch_step: int, num_steps: int, max_boxes: int, storage: StorageConfig | None = None,
                  decode_num_cpus: float = 0.25):
-    """Worker ``rank``'s stream: its shards in order, ``skip_steps`` steps dropped, ``num_steps`` steps long."""
+    """Worker ``rank``'s stream of ``num_steps`` steps from ``(epoch, epoch_step)``, across epoch boundaries."""
     import ray
 
     rows_per_step = batch_size * grad_accum
-    shards = list(plan.rank_shards(rank, world))
-    skip = skip_steps * rows_per_step
-    while shards and skip >= shards[0].count:
-        skip -= shards[0].count
-        shards.pop(0)
-    if not shards or num_steps <= 0:
-        raise DataError(f"worker {rank} has no samples left to read (skip {skip_steps} steps, {num_steps} to go)")
-    consumed = frozenset(shards[0].keys[:skip])
-    fs, root = (storage or StorageConfig()).arrow(plan.root)
-    paths = [f"{root}/{s.rel}" if s.rel else root for s in shards]
-    ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, fileselect=_select_member,
-                                  override_num_blocks=len(paths), num_cpus=decode_num_cpus)
-    if consumed:  # before decoding: consumed samples cost a tar read, never a PNG decode
-        ds = ds.filter(lambda row: row["__key__"] not in consumed, num_cpus=decode_num_cpus)
-    ds = ds.limit(num_steps * rows_per_step)
-    return ds.map_batches(DecodeBatch(plan.members, max_boxes), batch_size=batch_size, batch_format="numpy", num_cpus=decode_num_cpus)
+    if num_steps <= 0:
+        raise DataError(f"worker {rank} has no steps left to read ({num_steps})")
+    items = stream_plan(plan, rank, world, rows_per_step, epoch, epoch_step, num_steps)
+    read = functools.partial(_read_window, plan=plan, rank=rank, world=world, rows_per_step=rows_per_step,
+                             storage=storage or StorageConfig(), columns=IMAGE_MEMBERS + plan.members)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.flat_map(read, num_cpus=decode_num_cpus)
+    ds = ds.map_batches(DecodeBatch(plan.members, max_boxes), batch_size=batch_size, batch_format="numpy",
+                        num_cpus=decode_num_cpus)
+    ds.context.execution_options.preserve_order = True  # the planned order is the point
+    return ds
 
 
 def val_dataset(plan: ShardPlan, max_boxes: int, batch_size: int, storage: StorageConfig | None = None,

@@ -13,31 +13,55 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from spasem.config import Config, ConfigError, build_parser, config_to_yaml, parse_cli
+from spasem.config import Config, ConfigError, build_parser, parse_cli
+from spasem.storage import StorageError
 from stages.runtime import init_ray
-from training.checkpoints import ray_storage
+from training.checkpoints import latest_checkpoint, ray_storage
 from training.data import DataError, training_shards
 from training.loop import LaunchSpec, build_datasets, train_loop_per_worker
 
 log = logging.getLogger("training.launch")
 DEFAULT_INPUT = "runs/demo"
 DEFAULT_OUTPUT = "runs/train"
-FAULT_ENV = "PIPELINE_FAULT_AT_STEP"
 
 
-def fault_at_step() -> int | None:
-    """The test-only fault hook: ``PIPELINE_FAULT_AT_STEP=N`` makes one worker raise once at step N."""
-    value = os.environ.get(FAULT_ENV)
-    if not value:
+def _missing_model(name: str, path: str) -> str | None:
+    """Why model ``path`` cannot load in the workers, or None: checked here, where no retry hides it."""
+    if os.path.isdir(os.path.expanduser(path)):
         return None
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"{FAULT_ENV} must be a step number, got {value!r}") from None
+    if "://" in path or path.startswith(("/", ".", "~")) or path.count("/") != 1:
+        return f"models.{name}={path!r} is not a folder: point it at a model folder or a Hugging Face hub id"
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    marker = "model_index.json" if name == "sd" else "config.json"
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(path, marker), str):
+        return (f"models.{name}={path!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                f"download it first (huggingface-cli download {path}) or unset HF_HUB_OFFLINE")
+    return None
+
+
+def preflight(cfg: Config, plan, run) -> int | None:
+    """Errors no restart can fix, raised before any worker starts (one line each); returns the step of the
+    checkpoint this launch resumes, if any. Also refuses config changes that would break it."""
+    from training.relaunch import check_relaunch
+    from training.runner import load_objective_class
+
+    t = cfg.train
+    load_objective_class(t.objective)
+    if t.ema and cfg.deepspeed.stage == 3:
+        raise ConfigError("train.ema needs whole parameters on every rank: use deepspeed.stage 1 or 2 with EMA")
+    found = latest_checkpoint(run)
+    if found and cfg.deepspeed.stage == 3 and found[1].world_size != t.num_workers:
+        raise ConfigError(
+            f"checkpoint {found[0]} was written by {found[1].world_size} workers and ZeRO-3 partitions the "
+            f"weights themselves across them: relaunch with train.num_workers={found[1].world_size}")
+    check_relaunch(run, cfg, plan.members, found[1].step if found else None)
+    return found[1].step if found else None
 
 
 def build_trainer(cfg: Config, spec: LaunchSpec):
@@ -66,12 +90,23 @@ def build_trainer(cfg: Config, spec: LaunchSpec):
     )
 
 
+class TrainingFailed(RuntimeError):
+    """The workers failed ``train.max_failures + 1`` times; the cause is in the message."""
+
+
+def _last_line(error: BaseException) -> str:
+    """The worker's own exception as one line: Ray's error text ends with the worker traceback's last line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Mismatch)\b", line)]
+    return causes[-1] if causes else f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 def run_training(cfg: Config) -> dict[str, Any]:
-    """Plan the shards, write RUN_URI/config.yaml, train; returns a summary of the run."""
-    plan = training_shards(cfg.input, cfg.train.val_shards, cfg.storage)
+    """Plan the shards, check what no restart can fix, record the launch, train; returns a summary."""
     t = cfg.train
+    plan = training_shards(cfg.input, t.val_shards, cfg.storage, seed=t.seed, shuffle_window=t.shuffle_window)
     per_epoch = plan.steps_per_epoch(t.num_workers, t.batch_size * t.grad_accum)
-    log.info("%d training shards (%d samples), %d held out; %d steps per epoch; members: %s",
+    log.info("%d training shards (%d samples), %d held out; %d steps in epoch 0; members: %s",
              len(plan.shards), sum(s.count for s in plan.shards), len(plan.val), per_epoch,
              ", ".join(plan.members) or "images only (the rest is computed online)")
     from spasem.profiles import announce_tiny, check_shard_models, prepared_from, resolve_models
@@ -79,15 +114,25 @@ def run_training(cfg: Config) -> dict[str, Any]:
     check_shard_models(cfg.storage.open(cfg.input), cfg.models)  # shards annotated by other models: refused
     announce_tiny(cfg.models, prepared_from(cfg.input, cfg.storage), "training.launch")
     paths = resolve_models(cfg.models, ("sd", "clip_vision", "dinov2"))  # the frozen models training loads
+    for name, path in paths.items():
+        problem = _missing_model(name, path)
+        if problem:
+            raise ConfigError(problem)
     run = cfg.storage.open(cfg.output)
-    run.write("config.yaml", config_to_yaml(cfg).encode())
+    preflight(cfg, plan, run)
     init_ray(cfg.ray, progress=False)
-    spec = LaunchSpec(cfg.model_dump(mode="json"), plan, paths, cfg.model.max_boxes, fault_at_step())
-    result = build_trainer(cfg, spec).fit()
-    if result.error is not None:
-        raise result.error
+    spec = LaunchSpec(cfg.model_dump(mode="json"), plan, paths, cfg.model.max_boxes)
+    try:
+        result = build_trainer(cfg, spec).fit()
+        error = result.error
+    except Exception as exc:  # Ray Train raises the workers' failure from fit() once retries are spent
+        result, error = None, exc
+    if error is not None:
+        log.error("training failed", exc_info=error)
+        raise TrainingFailed(f"training failed after {t.max_failures} restart(s): {_last_line(error)} "
+                             "(the full traceback is logged above)") from error
     return {"output": run.url(""), "steps_per_epoch": per_epoch, "export": run.url("export"),
-            "checkpoint": result.checkpoint.path if result.checkpoint else None}
+            "checkpoint": result.checkpoint.path if result.checkpoint else None, "metrics": dict(result.metrics or {})}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, cfg = parse_cli(parser, argv, DEFAULT_INPUT, DEFAULT_OUTPUT)
     try:
         summary = run_training(cfg)
-    except (DataError, FileNotFoundError, ConfigError) as exc:
+    except (DataError, FileNotFoundError, ConfigError, StorageError, TrainingFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"trained to step {cfg.train.max_steps}: {summary['output']}  export: {summary['export']}")

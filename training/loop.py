@@ -1,10 +1,11 @@
 """``train_loop_per_worker`` and the per-worker dataset factory that Ray Train calls.
 
 The loop is thin: build the runner, resume from the newest complete checkpoint, then feed it
-``grad_accum`` batches per step from this worker's stream, logging on rank 0 and checkpointing every
-``train.checkpoint_every`` steps. The dataset factory runs on Ray Train's controller each time a worker
-group starts (first launch and every restart after a failure), so the streams always start at the
-checkpoint the workers load.
+``grad_accum`` batches per step from this worker's stream (the rest of the run, every remaining epoch
+in its seeded order), logging on rank 0, reporting metrics to Ray Train (``Result.metrics`` and any
+Ray integration) and checkpointing every ``train.checkpoint_every`` steps. The dataset factory runs on
+Ray Train's controller each time a worker group starts (first launch and every restart after a
+failure), so the streams always start at the checkpoint the workers load.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from training.checkpoints import (
     TrainState,
     checkpoint_name,
     fetch_checkpoint,
-    inject_fault_once,
     latest_checkpoint,
+    mark_rank_done,
+    model_card,
     publish_export,
     resume_point,
 )
@@ -41,41 +43,34 @@ class LaunchSpec:
     plan: ShardPlan
     paths: dict[str, str]         # model name -> local path or hub id
     max_boxes: int
-    fault_at_step: int | None = None
 
     @property
     def cfg(self) -> Config:
         return validate_config(self.config)
 
 
-def _start_state(spec: LaunchSpec, world: int) -> tuple[TrainState, str | None, int]:
+def _start_state(spec: LaunchSpec, world: int) -> tuple[TrainState, str | None]:
     cfg = spec.cfg
     t = cfg.train
-    steps_per_epoch = spec.plan.steps_per_epoch(world, t.batch_size * t.grad_accum)
     found = latest_checkpoint(cfg.storage.open(cfg.output))
-    state = resume_point(found[1] if found else None, world, t.batch_size, t.grad_accum, steps_per_epoch)
-    return state, (found[0] if found else None), steps_per_epoch
+    state = resume_point(found[1] if found else None, world, t.batch_size, t.grad_accum,
+                         lambda epoch: spec.plan.steps_per_epoch(world, t.batch_size * t.grad_accum, epoch))
+    return state, (found[0] if found else None)
 
 
 def build_datasets(spec: LaunchSpec) -> dict[str, Any]:
-    """Dataset factories by name: ``resume-R`` (rest of the current epoch), ``epoch-R`` (a full epoch), ``val``."""
+    """Dataset factories by name: ``train-R`` (worker R, from the checkpoint to ``train.max_steps``), ``val``."""
     cfg = spec.cfg
     t, world = cfg.train, cfg.train.num_workers
     common = dict(max_boxes=spec.max_boxes, decode_num_cpus=t.decode_num_cpus, storage=cfg.storage)
 
-    def resume(rank: int):
-        state, _, per_epoch = _start_state(spec, world)
-        todo = min(per_epoch - state.epoch_step, max(t.max_steps - state.step, 1))
-        return rank_dataset(spec.plan, rank, world, t.batch_size, t.grad_accum, state.epoch_step, todo, **common)
+    def stream(rank: int):
+        state, _ = _start_state(spec, world)
+        todo = max(t.max_steps - state.step, 1)  # a finished run still needs a (never read) stream
+        return rank_dataset(spec.plan, rank, world, t.batch_size, t.grad_accum, state.epoch, state.epoch_step,
+                            todo, **common)
 
-    def epoch(rank: int):
-        per_epoch = spec.plan.steps_per_epoch(world, t.batch_size * t.grad_accum)
-        return rank_dataset(spec.plan, rank, world, t.batch_size, t.grad_accum, 0, per_epoch, **common)
-
-    out: dict[str, Any] = {}
-    for rank in range(world):
-        out[f"resume-{rank}"] = lambda rank=rank: resume(rank)
-        out[f"epoch-{rank}"] = lambda rank=rank: epoch(rank)
+    out: dict[str, Any] = {f"train-{rank}": lambda rank=rank: stream(rank) for rank in range(world)}
     if spec.plan.val:
         out["val"] = lambda: val_dataset(spec.plan, batch_size=t.batch_size, **common)
     return out
@@ -103,7 +98,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     run = cfg.storage.open(cfg.output)
     runner = Runner(cfg, spec.paths, rank, world, device)
-    start, found, _ = _start_state(spec, world)
+    start, found = _start_state(spec, world)
     if found:
         local, temporary = fetch_checkpoint(run, found, rank)
         runner.load_checkpoint(local)
@@ -113,6 +108,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", found, start.step,
                      start.epoch, start.epoch_step)
     runner.state = start
+    rows_per_step = t.batch_size * t.grad_accum
+    per_epoch = spec.plan.steps_per_epoch(world, rows_per_step, start.epoch)
     reporter = None
     if rank == 0:
         from training.reporting import RunLog
@@ -123,20 +120,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seen_since_log, wait_since_log, t_log = 0, 0.0, time.perf_counter()
     paused = 0.0  # checkpoint, export and validation seconds since the last log: not training time
 
-    def checkpoint(final: bool) -> None:
-        folder = tempfile.mkdtemp(prefix="ckpt-")
-        runner.save_checkpoint(folder)
-        if t.export_with_checkpoint or final:
-            export_and_sample(publish=True)
-        ray.train.report({"step": runner.state.step}, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=checkpoint_name(runner.state.step))
-        shutil.rmtree(folder, ignore_errors=True)
+    def report(metrics: dict[str, float], with_checkpoint: bool, final: bool) -> None:
+        """Every rank reports at the same steps (Ray Train's rule); rank 0's metrics reach Result.metrics."""
+        folder = None
+        if with_checkpoint:
+            folder = tempfile.mkdtemp(prefix="ckpt-")
+            runner.save_checkpoint(folder)
+            if t.export_with_checkpoint or final:
+                export_and_sample(publish=True)
+            if reporter is not None:
+                reporter.sync()
+        name = checkpoint_name(runner.state.step)
+        ray.train.report({"step": runner.state.step, **metrics},
+                         checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None,
+                         checkpoint_dir_name=name if folder else None)  # returns once this rank's files are up
+        if folder:
+            mark_rank_done(run, name, rank, runner.state.step)
+            shutil.rmtree(folder, ignore_errors=True)
 
     def export_and_sample(publish: bool) -> None:
         exported = runner.export()  # collective under ZeRO-3
         if rank == 0:
             if publish:
-                publish_export(exported, run, config_to_yaml(cfg), runner.state.step)
+                card = model_card(cfg, runner.state.step, runner.state.epoch, _data_line(spec))
+                publish_export(exported, run, config_to_yaml(cfg), runner.state.step, card)
             _samples(exported, samples_batch, runner.state.step, cfg, run, reporter, device)
             shutil.rmtree(exported, ignore_errors=True)
 
@@ -144,53 +151,56 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scores = runner.validate(val)  # every rank: ZeRO-3 gathers parameters collectively
         if reporter is not None:
             reporter.log(0, scores)
-    iterator = ray.train.get_dataset_shard(f"resume-{rank}")
-    while runner.state.step < t.max_steps:
-        micro: list[dict[str, Any]] = []
-        t_wait = time.perf_counter()
-        for batch in _batches(iterator, cfg, device):
-            micro.append(batch)
-            if len(micro) < t.grad_accum:
-                continue
-            wait_since_log += time.perf_counter() - t_wait
-            if samples_batch is None and rank == 0:
-                samples_batch = micro[0]
-            metrics = runner.train_step(micro)
-            micro = []
-            seen_since_log += t.batch_size * t.grad_accum * world
-            step = runner.state.step
-            last = step >= t.max_steps
-            due_ckpt = step % t.checkpoint_every == 0 or last
-            due_val = bool(val) and (due_ckpt or (t.validate_every and step % t.validate_every == 0))
-            if due_val:
-                t_pause = time.perf_counter()
-                metrics.update(runner.validate(val))
-                paused += time.perf_counter() - t_pause
-            if step % t.log_every == 0 or last or due_val:
-                elapsed = time.perf_counter() - t_log - paused
-                metrics.update(samples_per_s=seen_since_log / elapsed, data_wait_share=wait_since_log / elapsed,
-                               epoch=runner.state.epoch, **_peak_memory(device))
-                if reporter is not None:
-                    reporter.log(step, metrics)
-                seen_since_log, wait_since_log, t_log, paused = 0, 0.0, time.perf_counter(), 0.0
-            t_pause = time.perf_counter()
-            if due_ckpt:
-                checkpoint(final=last)
-            elif t.sample_every and step % t.sample_every == 0:
-                export_and_sample(publish=False)
-            paused += time.perf_counter() - t_pause
-            if spec.fault_at_step is not None and step == spec.fault_at_step and rank == world - 1:
-                inject_fault_once(run, step, rank)
-            if last:
-                break
-            t_wait = time.perf_counter()
+    micro: list[dict[str, Any]] = []
+    t_wait = time.perf_counter()
+    for batch in _batches(ray.train.get_dataset_shard(f"train-{rank}"), cfg, device):
         if runner.state.step >= t.max_steps:
             break
-        runner.next_epoch()
-        iterator = ray.train.get_dataset_shard(f"epoch-{rank}")
+        micro.append(batch)
+        if len(micro) < t.grad_accum:
+            continue
+        wait_since_log += time.perf_counter() - t_wait
+        if samples_batch is None and rank == 0:
+            samples_batch = micro[0]
+        metrics = runner.train_step(micro)
+        micro = []
+        seen_since_log += rows_per_step * world
+        step = runner.state.step
+        last = step >= t.max_steps
+        due_ckpt = step % t.checkpoint_every == 0 or last
+        due_val = bool(val) and (due_ckpt or (t.validate_every and step % t.validate_every == 0))
+        if due_val:
+            t_pause = time.perf_counter()
+            metrics.update(runner.validate(val))
+            paused += time.perf_counter() - t_pause
+        due_log = step % t.log_every == 0 or last or due_val
+        if due_log:
+            elapsed = time.perf_counter() - t_log - paused
+            metrics.update(samples_per_s=seen_since_log / elapsed, data_wait_share=wait_since_log / elapsed,
+                           epoch=runner.state.epoch, **_peak_memory(device))
+            if reporter is not None:
+                reporter.log(step, metrics)
+            seen_since_log, wait_since_log, t_log, paused = 0, 0.0, time.perf_counter(), 0.0
+        t_pause = time.perf_counter()
+        if due_ckpt or due_log:
+            report(metrics if due_log else {}, with_checkpoint=due_ckpt, final=last)
+        if not due_ckpt and t.sample_every and step % t.sample_every == 0:
+            export_and_sample(publish=False)
+        paused += time.perf_counter() - t_pause
+        if runner.state.epoch_step >= per_epoch:  # the stream runs on into the next epoch's planned order
+            runner.next_epoch()
+            per_epoch = spec.plan.steps_per_epoch(world, rows_per_step, runner.state.epoch)
+        t_wait = time.perf_counter()
     if reporter is not None:
         reporter.close()
     _shutdown()
+
+
+def _data_line(spec: LaunchSpec) -> str:
+    plan = spec.plan
+    return (f"{sum(s.count for s in plan.shards)} samples in {len(plan.shards)} WebDataset shards under "
+            f"`{plan.root}` ({len(plan.val)} more held out for validation); members read from the shards: "
+            f"{', '.join(plan.members) or 'images only (captions, features and latents computed online)'}.")
 
 
 def spec_val_batches(spec: LaunchSpec, cfg: Config):

@@ -1,9 +1,12 @@
 """Rank 0's run log: RUN_URI/metrics.jsonl, TensorBoard event files and LR | output | HR sample grids.
 
 ``metrics.jsonl`` holds one JSON object per logged step (``step``, every loss term, ``lr``,
-``samples_per_s``, ``data_wait_share``, ...). A resumed run first drops the lines past its checkpoint,
-so the file always reads as one uninterrupted run. Files are rewritten whole (atomic locally, one PUT
-on S3); TensorBoard writes to a local folder that is mirrored into RUN_URI/tensorboard/.
+``samples_per_s``, ``data_wait_share``, ...). Lines are appended, never rewritten, so what a long run
+writes grows with its length: locally each line is appended to the file; on S3 (no appends) each
+logged step is its own small object ``metrics/step-NNNNNNNN.json`` and ``metrics.jsonl`` is written
+once when the run ends. A resumed run drops the lines past its checkpoint once at start (a relaunch
+logs those steps again), so the log always reads as one uninterrupted run. TensorBoard writes to a
+local folder that is mirrored into RUN_URI/tensorboard/ at checkpoints and at the end.
 """
 
 from __future__ import annotations
@@ -24,15 +27,24 @@ from spasem.storage import LocalStore, Store
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
+SEGMENTS = "metrics"  # S3: one object per logged step
 TENSORBOARD = "tensorboard"
 SAMPLES = "samples"
 
 
 def read_metrics(run: Store) -> list[dict[str, Any]]:
-    """The lines of RUN_URI/metrics.jsonl (empty when absent)."""
-    if not run.exists(METRICS):
-        return []
-    return [json.loads(line) for line in run.read(METRICS).decode().splitlines() if line.strip()]
+    """The logged steps of RUN_URI, in step order: metrics.jsonl plus any per-step objects under metrics/
+    (the newer object wins for a step in both); empty when nothing was logged."""
+    by_step: dict[int, dict[str, Any]] = {}
+    if run.exists(METRICS):
+        for line in run.read(METRICS).decode().splitlines():
+            if line.strip():
+                m = json.loads(line)
+                by_step[int(m.get("step", 0))] = m
+    for rel in run.child(SEGMENTS).list((".json",)):
+        m = json.loads(run.child(SEGMENTS).read(rel))
+        by_step[int(m.get("step", 0))] = m
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def _clean(value: Any) -> Any:
@@ -46,8 +58,13 @@ class RunLog:
 
     def __init__(self, run: Store, start_step: int):
         self.run = run
-        self.lines = [m for m in read_metrics(run) if int(m.get("step", 0)) <= start_step]
-        if isinstance(run, LocalStore):
+        self.local = isinstance(run, LocalStore)
+        self.start_step = start_step
+        old = read_metrics(run)
+        self.lines = [m for m in old if int(m.get("step", 0)) <= start_step]
+        if self.local and len(self.lines) != len(old) or not self.local and run.exists(METRICS):
+            self._rewrite()  # once per launch: drop what the interrupted run logged past its checkpoint
+        if self.local:
             self._tb_local, self._mirror = run.root / TENSORBOARD, False
         else:
             self._tb_local, self._mirror = Path(tempfile.mkdtemp(prefix="tb-")), True
@@ -59,20 +76,29 @@ class RunLog:
         except ImportError:  # tensorboard is a dependency; a stripped install still trains
             log.warning("tensorboard is not installed: no TensorBoard logs")
 
+    def _rewrite(self) -> None:
+        self.run.write(METRICS, "".join(json.dumps(m, sort_keys=True) + "\n" for m in self.lines).encode())
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Append one line to metrics.jsonl and one scalar per metric to TensorBoard."""
+        """Append one line to the metrics log and one scalar per metric to TensorBoard."""
         line = {"step": step, **{k: _clean(v) for k, v in sorted(metrics.items())}}
         self.lines.append(line)
-        body = "".join(json.dumps(m, sort_keys=True) + "\n" for m in self.lines)
-        self.run.write(METRICS, body.encode())
+        text = json.dumps(line, sort_keys=True)
+        if self.local:
+            path = self.run.root / METRICS
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as fh:
+                fh.write(text + "\n")
+        else:
+            self.run.child(SEGMENTS).write(f"step-{step:08d}.json", text.encode())
         if self._writer is not None:
             for name, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self._writer.add_scalar(name, value, step)
             self._writer.flush()
-            self._sync()
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
+        """Mirror the TensorBoard files to S3 (at checkpoints and at the end, not at every log line)."""
         if not self._mirror:
             return
         target = self.run.child(TENSORBOARD)
@@ -84,12 +110,13 @@ class RunLog:
         if self._writer is not None:
             self._writer.add_image(tag, image, step, dataformats="HWC")
             self._writer.flush()
-            self._sync()
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-            self._sync()
+        self.sync()
+        if not self.local:  # the whole log as one file too, once
+            self._rewrite()
 
 
 def sample_grid(lr: np.ndarray, output: np.ndarray, hr: np.ndarray) -> np.ndarray:

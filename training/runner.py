@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from spasem.columns import stable_seed
-from spasem.config import Config, config_to_yaml
+from spasem.config import Config, ConfigError, config_to_yaml
 from training.checkpoints import TrainState
 from training.deepspeed_config import build_deepspeed_config, build_lr_scheduler, build_optimizer, describe
 
@@ -35,7 +35,11 @@ def load_objective_class(spec: str) -> type:
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"train.objective={spec!r} cannot be imported: {exc}") from None
+        raise ConfigError(f"train.objective={spec!r} cannot be imported: {exc}") from None
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose weights do not fit the model built from the config."""
 
 
 class EMA:
@@ -68,8 +72,8 @@ class Runner:
 
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.stage = cfg.deepspeed.stage
-        if cfg.train.ema and self.stage == 3:
-            raise ValueError("train.ema needs whole parameters on every rank: use deepspeed.stage 1 or 2 with EMA")
+        if cfg.train.ema and self.stage == 3:  # launch refuses this first; the runner is also used on its own
+            raise ConfigError("train.ema needs whole parameters on every rank: use deepspeed.stage 1 or 2 with EMA")
         cls = load_objective_class(cfg.train.objective)
         # new layers are initialized from the global RNG: seed it, or two launches of the same config start
         # from different weights (and a relaunch could never be compared with an uninterrupted run)
@@ -166,9 +170,6 @@ class Runner:
                 from safetensors.torch import save_file
 
                 save_file(self.ema.state_dict(), str(folder / "ema.safetensors"))
-        ranks = folder / "ranks"
-        ranks.mkdir(parents=True, exist_ok=True)
-        (ranks / f"rank-{self.rank}.json").write_text(json.dumps({"rank": self.rank, "step": self.state.step}))
 
     def load_checkpoint(self, folder: str | Path) -> TrainState:
         """Restore weights, optimizer, scheduler, EMA and counters from local ``folder``."""
@@ -183,8 +184,8 @@ class Runner:
                     f"weights themselves across them: relaunch with train.num_workers={saved.world_size}")
             log.warning("checkpoint written by %d workers, resuming on %d: weights and step kept, the optimizer "
                         "moments restart", saved.world_size, self.world_size)
-        path, _ = self.engine.load_checkpoint(str(folder), tag=DS_TAG, load_module_strict=False,
-                                              load_optimizer_states=same_world, load_lr_scheduler_states=True)
+        path, _ = self.engine.load_checkpoint(str(folder), tag=DS_TAG, load_optimizer_states=same_world,
+                                              load_lr_scheduler_states=True, custom_load_fn=self._load_module)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder}/{DS_TAG}")
         self.state = saved
@@ -197,6 +198,19 @@ class Runner:
             else:
                 log.warning("checkpoint %s has no EMA: the EMA restarts from the current weights", folder)
         return self.state
+
+    @staticmethod
+    def _load_module(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
+        """Strict loading: every trainable weight must come from the checkpoint and nothing unknown may be in
+        it. Only the frozen base weights may be absent (``save_checkpoint`` never writes them)."""
+        result = dst.load_state_dict(src, strict=False)
+        frozen = {n for n, p in dst.named_parameters() if not p.requires_grad}
+        missing = [k for k in result.missing_keys if k not in frozen]
+        if missing or result.unexpected_keys:
+            raise CheckpointMismatch(
+                f"the checkpoint does not fit the model: {len(missing)} trainable weights missing "
+                f"{missing[:5]}, {len(result.unexpected_keys)} unknown {list(result.unexpected_keys)[:5]}; it was "
+                "trained with another model config (see its config.yaml): train into a new --output")
 
     # -- export -------------------------------------------------------------------------------------
     @contextmanager

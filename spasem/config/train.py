@@ -33,7 +33,8 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0, description="gradient norm clipping (0: off)")
     ema: bool = Field(False, description="keep an EMA of the trainable weights; the export uses it")
     ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per optimizer step")
-    seed: int = Field(0, description="seeds noise, timesteps and stream dropout per (step, rank): resume-exact")
+    seed: int = Field(0, description="seeds the sample order per (epoch, rank) and noise, timesteps and stream "
+                      "dropout per (step, rank): resume-exact")
     # checkpoints and export
     checkpoint_every: int = Field(500, ge=1, description="optimizer steps between checkpoints (and one at the end)")
     keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept under RUN_URI/checkpoints")
@@ -47,6 +48,9 @@ class TrainConfig(_Section):
     validate_every: int = Field(0, ge=0, description="steps between validations on the held-out shards (0: at checkpoints)")
     val_shards: int = Field(0, ge=0, description="last N shards held out for validation (0: no validation)")
     # data loading
+    shuffle_window: int = Field(2, ge=1, description="shards whose samples are shuffled together in a worker's "
+                                "stream (a shuffle buffer held in memory as raw bytes); the shard order is "
+                                "permuted every epoch too, both seeded by (train.seed, epoch, rank)")
     prefetch_batches: int = Field(2, ge=0, description="batches Ray Data prepares ahead of each worker")
     decode_num_cpus: float = Field(0.25, gt=0, description="CPUs per Ray Data decode task")
     objective: str = Field("training.objective:SRObjective",
