@@ -119,6 +119,7 @@ class Runner:
             raise ValueError(f"train_step got {len(micro_batches)} micro-batches, train.grad_accum is "
                              f"{self.cfg.train.grad_accum}")
         self.engine.train()
+        lr = float(self.scheduler.get_last_lr()[0])  # the rate this step applies (the scheduler moves on after it)
         totals: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro_batches):
             out = self.engine(batch, generator=self._generator("train", self.state.step, i))
@@ -131,7 +132,7 @@ class Runner:
         self.state = TrainState(self.state.step + 1, self.state.epoch, self.state.epoch_step + 1,
                                 self.world_size, self.cfg.train.batch_size, self.cfg.train.grad_accum)
         metrics = self._mean_terms(totals, len(micro_batches))
-        metrics["lr"] = float(self.scheduler.get_last_lr()[0])
+        metrics["lr"] = lr
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             metrics["grad_norm"] = float(norm)
