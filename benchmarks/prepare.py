@@ -52,7 +52,7 @@ def run_one(cpus: int, corpus: str, out: str, preset: str, crops: int) -> dict:
         f"prepare.shard_parallelism={cpus}", "prepare.progress=false",
     ], input=corpus, output=out)
     init_ray(cfg.ray, progress=False)
-    plan = plan_shards(list_inputs(cfg), cfg.data.shard_size, cfg.data.crops_per_image)
+    plan = plan_shards(list_inputs(cfg)[0], cfg.data.shard_size, cfg.data.crops_per_image)
     start = time.perf_counter()
     results = run_shard_phase(cfg, plan, list(range(len(plan))))
     elapsed = time.perf_counter() - start

@@ -5,6 +5,12 @@ reasons) -> the caption and grounding stages of prepare, each on its own actor p
 stage on an actor pool (``upscale.diffuse``) -> write (same relative path and format) -> only the
 small columns come back, for ``OUTPUT/summary.json`` (counts, rejects, megapixels/s).
 Re-running after a crash finishes the rest: outputs are written atomically and existing ones skipped.
+
+Each image is its own block, so it is written as soon as it is done; Ray Data's no-progress timeout
+is off for this dataset (one large image may take hours on a CPU), and the diffusion stage logs each
+image's progress and time left instead. Exit status 1 when nothing was upscaled though inputs were
+pending (every one rejected), on a user error (bad path, model folder, URI, storage permission), and
+when an image runs out of memory even one tile per model call.
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ from spasem.config import (
 )
 from spasem.profiles import announce_tiny
 from spasem.storage import Store
-from stages.read import reject_reason
-from stages.runtime import init_ray
+from stages.diffuse import DiffuseOutOfMemory
+from stages.read import list_images, reject_reason
+from stages.runtime import error_line, find_cause, init_ray, print_rejects, user_errors
 
 log = logging.getLogger("pipeline.upscale")
 DEFAULT_OUTPUT = "runs/upscale"
@@ -43,20 +50,19 @@ def _nested_prefix(inp: Store, out: Store) -> str | None:
     return b[len(a):] if b.startswith(a) else None
 
 
-def list_pending(cfg: Config, inp: Store, out: Store) -> tuple[list[str], list[str]]:
-    """(inputs to upscale, inputs skipped because their output exists), both sorted."""
+def list_pending(cfg: Config, inp: Store, out: Store) -> tuple[list[str], list[str], dict[str, int]]:
+    """(inputs to upscale, inputs skipped because their output exists, {extension: other files})."""
     suffixes = cfg.data.suffixes
     nested = _nested_prefix(inp, out)
     if nested == "":
         raise ConfigError(f"--output {out.uri} is the input folder: the outputs would replace the originals; "
                           "choose another folder (one inside the input is fine)")
-    files = inp.list(suffixes)
-    if nested:
-        files = [f for f in files if not f.startswith(nested)]
+    files, others = list_images(inp, suffixes, exclude=nested or None)
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(suffixes)}) found under {cfg.input}")
+        raise FileNotFoundError(f"no images ({', '.join(suffixes)}) found under {cfg.input}"
+                                + (f"; other files by extension: {others}" if others else ""))
     done = set(out.list(suffixes)) if cfg.upscale.skip_existing else set()
-    return [f for f in files if f not in done], [f for f in files if f in done]
+    return [f for f in files if f not in done], [f for f in files if f in done], others
 
 
 def upscale_stages(cfg: Config) -> list[str]:
@@ -88,7 +94,8 @@ def run_pipeline(cfg: Config, pending: list[str], inp: Store, out: Store, model_
     from stages.diffuse import Diffuser
 
     ucfg = cfg.upscale
-    ds = ray.data.from_items([{"path": p} for p in pending], override_num_blocks=max(1, min(len(pending), 64)))
+    # one image per block: each output is written when its image is done, not when its block is
+    ds = ray.data.from_items([{"path": p} for p in pending], override_num_blocks=len(pending))
     read = {"store": inp, "max_pixels": ucfg.max_input_pixels, "min_size": ucfg.min_input_size,
             "max_bytes": cfg.data.max_bytes}
     ds = ds.map_batches(_read, fn_kwargs=read, batch_size=1, num_cpus=ucfg.read_num_cpus, batch_format="numpy")
@@ -104,12 +111,15 @@ def run_pipeline(cfg: Config, pending: list[str], inp: Store, out: Store, model_
     )
     ds = ds.map_batches(_write, fn_kwargs={"store": out}, batch_size=1, batch_format="numpy",
                         num_cpus=ucfg.read_num_cpus)
+    # no-progress guard off: one image may legitimately take hours (a 16k output, a CPU); the
+    # diffusion stage reports each image's progress and time left instead (stages/progress.py)
+    ds.context.execution_no_progress_timeout_s = -1
     log.info("upscaling %d images: stages %s -> diffuse (pool %d) -> write", len(pending), names, pool.pool_size)
     return [dict(row) for row in ds.iter_rows()]
 
 
 def summarize(cfg: Config, rows: list[dict[str, Any]], skipped: list[str], elapsed: float, model: str,
-              stages: list[str]) -> dict[str, Any]:
+              stages: list[str], others: dict[str, int] | None = None) -> dict[str, Any]:
     """Counts, rejects by reason and throughput (output megapixels per second) of one run."""
     ok = [r for r in rows if r["status"] == "ok"]
     rejects = [{"source": str(r["path"]), "reason": reject_reason(str(r["error"])), "error": str(r["error"])}
@@ -122,6 +132,7 @@ def summarize(cfg: Config, rows: list[dict[str, Any]], skipped: list[str], elaps
         "files": len(rows) + len(skipped), "upscaled": len(ok), "skipped": len(skipped),
         "rejected": len(rejects), "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
         "rejects": sorted(rejects, key=lambda r: r["source"]),
+        "skipped_by_extension": dict(others or {}),
         "input_megapixels": round(in_mp, 4), "output_megapixels": round(out_mp, 4),
         "elapsed_s": round(elapsed, 3),
         "megapixels_per_s": round(out_mp / elapsed, 4) if elapsed > 0 and ok else None,
@@ -139,7 +150,7 @@ def run_upscale(cfg: Config) -> dict[str, Any]:
     inp = cfg.storage.open(cfg.input)
     out = cfg.storage.open(cfg.output)
     stages = upscale_stages(cfg)
-    pending, skipped = list_pending(cfg, inp, out)
+    pending, skipped, others = list_pending(cfg, inp, out)
     out.write("config.yaml", config_to_yaml(cfg).encode())
     log.info("%d inputs: %d to upscale, %d skipped (output exists)", len(pending) + len(skipped), len(pending), len(skipped))
     rows: list[dict[str, Any]] = []
@@ -148,7 +159,7 @@ def run_upscale(cfg: Config) -> dict[str, Any]:
         model = resolve_model(cfg)
         init_ray(cfg.ray, progress=True)
         rows = run_pipeline(cfg, pending, inp, out, model, stages)
-    summary = summarize(cfg, rows, skipped, time.time() - start, model or str(cfg.upscale.model), stages)
+    summary = summarize(cfg, rows, skipped, time.time() - start, model or str(cfg.upscale.model), stages, others)
     out.write(SUMMARY, json.dumps(summary, indent=1, sort_keys=True).encode())
     return summary
 
@@ -167,14 +178,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.upscale.model = absolute_uri(args.model)
     try:
         summary = run_upscale(cfg)
-    except (FileNotFoundError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except user_errors() as exc:
+        print(error_line(exc), file=sys.stderr)
+        return 1
+    except Exception as exc:
+        oom = find_cause(exc, DiffuseOutOfMemory)  # raised in an actor: Ray wraps it
+        if oom is None:
+            raise
+        print(error_line(oom), file=sys.stderr)
         return 1
     where = cfg.storage.open(cfg.output).url("")
     print(f"upscaled {summary['upscaled']} images, skipped {summary['skipped']} (output exists), "
           f"rejected {summary['rejected']} {summary['rejected_by_reason']}; "
-          f"{summary['output_megapixels']} MP out at {summary['megapixels_per_s']} MP/s")
+          f"{summary['output_megapixels']} MP out at {summary['megapixels_per_s']} MP/s"
+          + (f"; not images, by extension: {summary['skipped_by_extension']}" if summary["skipped_by_extension"] else ""))
     print(f"outputs: {where}  summary: {where}/{SUMMARY}")
+    if summary["rejected"] and not summary["upscaled"]:
+        print_rejects("images", summary["rejects"], summary["rejected_by_reason"])
+        return 1
     return 0
 
 

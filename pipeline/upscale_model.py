@@ -20,6 +20,18 @@ from spasem.storage import download_tree
 
 log = logging.getLogger(__name__)
 UNTRAINED = "sr-untrained"
+INDEX = "model_index.json"  # what diffusers' from_pretrained reads first: a pipeline folder has one
+
+
+def check_export(folder: str, given: str) -> str:
+    """``folder`` if it holds a diffusers pipeline (``model_index.json``), else a ConfigError naming ``given``.
+
+    Checked on the driver, before any actor starts: a bad path is one line, not a Ray traceback per actor.
+    """
+    if not (Path(folder) / INDEX).is_file():
+        raise ConfigError(f"--model {given} has no {INDEX}: it is not a SpatialSemanticSRPipeline folder; "
+                          "pass a training export (RUN_URI/export)")
+    return folder
 
 
 def build_untrained(cfg: Config) -> str:
@@ -52,10 +64,10 @@ def resolve_model(cfg: Config) -> str:
     model = cfg.upscale.model
     if model:
         if model.startswith("s3://"):
-            return fetch_remote(model, cfg)
+            return check_export(fetch_remote(model, cfg), model)
         if not Path(model).expanduser().is_dir():
             raise FileNotFoundError(f"--model {model} is not a folder; pass a training export (RUN_URI/export)")
-        return str(Path(model).expanduser().resolve())
+        return check_export(str(Path(model).expanduser().resolve()), model)
     if cfg.models.profile != "tiny":
         raise ConfigError(
             f"models.profile={cfg.models.profile!r} has no default SR model: pass --model with a training export"

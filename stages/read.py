@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+from collections import Counter
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -136,6 +138,28 @@ class ReadImages:
         out["status"] = np.asarray(status, dtype=object)
         out["error"] = np.asarray(errors, dtype=object)
         return out
+
+
+NO_EXTENSION = "(none)"
+
+
+def list_images(store: Store, suffixes: tuple[str, ...], exclude: str | None = None) -> tuple[list[str], dict[str, int]]:
+    """(image files, {extension: count} of the other files) under ``store``, from one listing.
+
+    Every file is accounted for: it is an input (decoded or rejected with a reason later) or counted by
+    its extension (lower case, ``(none)`` without one) for ``summary.json``'s ``skipped_by_extension``.
+    ``exclude``: a prefix whose files are no inputs at all (an output folder inside the input).
+    """
+    images, others = [], Counter()
+    for rel in store.list(None):
+        if exclude and rel.startswith(exclude):
+            continue
+        name = rel or PurePosixPath(store.uri).name  # "" is the store itself when the input is one file
+        if name.lower().endswith(suffixes):
+            images.append(rel)
+        else:
+            others[PurePosixPath(name).suffix.lower() or NO_EXTENSION] += 1
+    return sorted(images), dict(sorted(others.items()))
 
 
 def reject_reason(error: str) -> str:

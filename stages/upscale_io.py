@@ -30,6 +30,9 @@ _FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     ".bmp": ("BMP", {}),
     ".tif": ("TIFF", {"compression": "tiff_deflate"}),
     ".tiff": ("TIFF", {"compression": "tiff_deflate"}),
+    # a GIF input is upscaled from its first frame and written as a one-frame GIF (256 colours, as GIF
+    # holds no more): keep the format the user's files have; convert to PNG first for full colour
+    ".gif": ("GIF", {}),
 }
 
 

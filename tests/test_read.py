@@ -70,3 +70,31 @@ def test_bomb_rejected_before_decoding():
     with pytest.raises(Exception) as exc:
         decode_image(_png_header_only(100_000, 100_000), max_pixels=1_000_000, min_size=1)
     assert getattr(exc.value, "reason", "") == "too many pixels"
+
+
+def test_an_animated_gif_decodes_to_its_first_frame():
+    import io
+
+    from PIL import Image
+
+    first, second = np.zeros((20, 30, 3), np.uint8), np.zeros((20, 30, 3), np.uint8)
+    first[..., 0], second[..., 2] = 200, 200
+    buf = io.BytesIO()
+    Image.fromarray(first).save(buf, format="GIF", save_all=True, append_images=[Image.fromarray(second)],
+                                duration=50, loop=0)
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        assert im.n_frames == 2
+    image = decode_image(buf.getvalue(), 10**8, 8)
+    assert image.shape == (20, 30, 3) and tuple(image[5, 5]) == (200, 0, 0)
+
+
+def test_every_file_is_an_input_or_counted_by_extension(tmp_path):
+    from spasem.config import load_config
+    from stages.read import list_images
+
+    for rel in ("a.png", "b.GIF", "sub/c.jpeg", "notes.txt", "sub/more.TXT", "LICENSE", "out/x.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    images, others = list_images(LocalStore(tmp_path), load_config().data.suffixes, exclude="out/")
+    assert images == ["a.png", "b.GIF", "sub/c.jpeg"], "GIF is a default extension, matched in any case"
+    assert others == {".txt": 2, "(none)": 1}, "the excluded output folder is neither"

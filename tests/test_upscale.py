@@ -220,3 +220,94 @@ def test_output_equal_to_input_and_grounding_without_captions_are_refused(tmp_pa
     assert main(["--input", str(photos), "--output", str(out), "--set", "upscale.stages=[grounding]"]) == 1
     assert "needs the objects named by the captions stage" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def diffuser():
+    from stages.diffuse import Diffuser
+
+    cfg = load_config()
+    fast = {"steps": 2, "tile_size": 16, "tile_overlap": 4, "tile_batch": 8, "scale": 2, "guidance_scale": 1.0}
+    return Diffuser(cfg.upscale.model_copy(update=fast), cfg.models, resolve_model(cfg))
+
+
+def _diffuse_row(lr: np.ndarray, source: str) -> dict:
+    from spasem.columns import object_array
+
+    return {"lr": object_array([lr]), "source": object_array([source]), "status": object_array(["ok"]),
+            "error": object_array([""])}
+
+
+def _failing_upscaler(monkeypatch, fail):
+    """TiledUpscaler.__call__ that records its tile_batch and raises ``fail(call number)`` when not None."""
+    from spasem.model import tiled_diffusion
+
+    real, seen = tiled_diffusion.TiledUpscaler.__call__, []
+
+    def call(self, *args, **kwargs):
+        seen.append(self.cfg.tile_batch)
+        exc = fail(len(seen))
+        if exc is not None:
+            raise exc
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(tiled_diffusion.TiledUpscaler, "__call__", call)
+    return seen
+
+
+def test_out_of_memory_retries_the_image_with_a_smaller_tile_batch(diffuser, monkeypatch):
+    lr = skimage_photo("coffee.png")[:24, :32]
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    seen = _failing_upscaler(monkeypatch, lambda n: oom if n == 1 else None)
+    out = diffuser(_diffuse_row(lr, "a.png"))
+    assert list(out["status"]) == ["ok"] and out["sr"][0].shape == (48, 64, 3)
+    assert seen == [8, 4], "the retry halves upscale.tile_batch"
+
+
+def test_out_of_memory_at_one_tile_fails_the_job_other_errors_are_rejects(diffuser, monkeypatch):
+    from stages.diffuse import DiffuseOutOfMemory
+
+    lr = skimage_photo("coffee.png")[:24, :32]
+    seen = _failing_upscaler(monkeypatch, lambda n: RuntimeError("DefaultCPUAllocator: can't allocate memory"))
+    with pytest.raises(DiffuseOutOfMemory, match=r"a\.png .*tile_batch=1"):
+        diffuser(_diffuse_row(lr, "a.png"))
+    assert seen == [8, 4, 2, 1]
+    seen = _failing_upscaler(monkeypatch, lambda n: ValueError("a broken caption"))
+    out = diffuser(_diffuse_row(lr, "b.png"))
+    assert list(out["status"]) == ["error"] and out["error"][0].startswith("diffuse: ValueError: a broken caption")
+    assert seen == [8], "only memory errors are retried"
+
+
+def test_each_image_logs_its_tiles_steps_and_time_left(diffuser, caplog):
+    from stages.progress import image_work
+
+    caplog.set_level("INFO", logger="stages.diffuse")
+    lr = skimage_photo("coffee.png")[:64, :96]  # two diffusion tiles, two VAE tiles
+    diffuser(_diffuse_row(lr, "p.png"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("diffuse p.png")]
+    work = image_work(lr, diffuser.cfg, 8)
+    assert work["sample"] >= work["encode"] == 2, work
+    assert "started" in lines[0] and "done in" in lines[-1]
+    for phase, label in (("encode", "vae encode tiles"), ("sample", "tile-steps"), ("decode", "vae decode tiles")):
+        assert f"{label} {work[phase]}/{work[phase]}" in lines[-1], lines[-1]
+    assert any(line.endswith(" left") and "?" not in line for line in lines[1:-1]), lines
+
+
+def test_time_left_comes_from_each_phase_pace():
+    from stages.progress import DECODE_PER_ENCODE, ImageProgress
+
+    now, lines = [0.0], []
+    p = ImageProgress("a.png", "8x8 -> 32x32", {"encode": 2, "sample": 10, "decode": 2}, clock=lambda: now[0],
+                      emit=lines.append)
+    now[0] = 2.0
+    p.advance("encode", 2, 2.0)
+    assert p.left_s() is None, "no estimate before the sampler's pace is known"
+    now[0] = 4.0
+    p.advance("sample", 2, 2.0)
+    assert p.left_s() == pytest.approx(8 * 1.0 + 2 * DECODE_PER_ENCODE * 1.0)
+    now[0] = 12.0
+    p.advance("sample", 8, 8.0)
+    now[0] = 15.0
+    p.advance("decode", 1, 3.0)
+    assert p.left_s() == pytest.approx(3.0), "the decoder at its own measured pace once it ran"
+    assert lines[-1].endswith("15s elapsed, ~3s left") and "83%" in lines[-1]

@@ -24,7 +24,7 @@ from spasem.config.train import DeepSpeedConfig, TrainConfig
 from spasem.config.upscale import UpscaleConfig
 from spasem.storage import Store, arrow_location, open_store
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # GIF: its first frame
 
 
 class ConfigError(ValueError):
