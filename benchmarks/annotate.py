@@ -21,6 +21,7 @@ keeps the model-only GPU figures.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -50,6 +51,7 @@ class ModelClock:
     def wrap(self, obj, name: str) -> None:
         method = getattr(obj, name)
 
+        @functools.wraps(method)  # generate validates its kwargs against forward's signature
         def timed(*args, **kwargs):
             if self._depth:
                 return method(*args, **kwargs)
