@@ -14,6 +14,7 @@ LR is the HR crop scaled by ``1 / data.scale``, so the same numbers hold in the 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 from spasem.columns import as_list
 from spasem.config.annotate import GroundingConfig, ModelsConfig
 from spasem.encoders import torch_dtype
+from spasem.preprocess import ImageTransform
 from stages.annotations import AnnotationStage
 
 
@@ -108,6 +110,9 @@ class Grounder(AnnotationStage):
             paths["grounding_dino"], dtype=torch_dtype(models.dtype)
         ).to(models.device).eval()
         self.size = input_size(self.processor.image_processor.size, self.model.config)
+        # resize, normalize and pad in torch on the detector's device (use_processors: the processor itself)
+        self.transform = replace(ImageTransform.from_processor(self.processor.image_processor), **self.size)
+        self.use_processors = False
 
     @staticmethod
     def _image(batch: dict[str, Any], i: int) -> np.ndarray:
@@ -123,9 +128,14 @@ class Grounder(AnnotationStage):
         todo = [i for i in rows if objects[i]]
         if todo:
             texts = [" . ".join(objects[i]) + " ." for i in todo]
-            inputs = self.processor(images=[self._image(batch, i) for i in todo], text=texts, padding=True,
-                                    size=self.size, return_tensors="pt").to(self.model.device)
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            images = [self._image(batch, i) for i in todo]
+            if self.use_processors:
+                inputs = self.processor(images=images, text=texts, padding=True, size=self.size,
+                                        return_tensors="pt").to(self.model.device)
+                inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            else:
+                inputs = self.processor.tokenizer(texts, padding=True, return_tensors="pt").to(self.model.device)
+                inputs.update(self.transform(images, self.model.device, self.model.dtype))
             result = self.model(**inputs)
             probs = result.logits.float().sigmoid().cpu()
             pred = result.pred_boxes.float().cpu()

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from spasem.preprocess import ImageTransform
+
 
 def common_prefix_length(sequences: Sequence[torch.Tensor]) -> int:
     """Length of the longest common prefix of 1-D token tensors."""
@@ -46,6 +48,12 @@ class TransformersLlava:
         self.share_prefix = share_prefix
         self.pad = self.processor.tokenizer.pad_token_id
         self.image_token = self.model.config.image_token_index
+        # the shared-prefix path preprocesses in torch on the model's device (use_processors: the processor)
+        try:
+            self.transform = ImageTransform.from_processor(self.processor.image_processor)
+        except ValueError:  # an image processor the torch transforms do not reproduce runs itself
+            self.transform = None
+        self.use_processors = False
 
     def prompt_text(self, prompt: str) -> str:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
@@ -84,7 +92,10 @@ class TransformersLlava:
 
     @torch.no_grad()
     def _shared(self, images: list[np.ndarray], ids: list[torch.Tensor], prefix: int) -> list[str]:
-        pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        if self.use_processors or self.transform is None:
+            pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        else:
+            pixels = self.transform(images, self.model.device, self.model.dtype)["pixel_values"]
         new = generate_shared_prefix(self.model, pixels, ids, prefix, self.pad, self.max_new_tokens, self.compile)
         return [" ".join(s.split()) for s in self.processor.batch_decode(new, skip_special_tokens=True)]
 
