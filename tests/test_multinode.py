@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,6 +128,7 @@ def cluster(s3_server):
     finally:
         for node in reversed(nodes):
             node.stop()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def submit(cluster, entrypoint: list[str]) -> str:
