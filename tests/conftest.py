@@ -42,6 +42,14 @@ os.environ.update(
 )
 
 
+def pytest_collection_modifyitems(items):
+    """A test that needs the Ray cluster, itself or through a fixture, is slow: ``pytest -m "not slow"``
+    stays the quick inner loop without anyone having to remember the mark."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole session (4 logical CPUs on 2 cores so pools never starve)."""
