@@ -138,8 +138,19 @@ def annotate_dataset(ds, cfg: Config, names: list[str], paths: dict[str, str], w
             num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus or None,
             compute=ray.data.ActorPoolStrategy(size=pool.pool_size),
+            **pool_options(cfg, name),
         )
     return ds
+
+
+def pool_options(cfg: Config, name: str) -> dict[str, Any]:
+    """Extra Ray options of a stage's pool: the vLLM caption backend runs in an environment of its own
+    (vLLM pins its own torch), which Ray builds per actor from ``vllm_backend.RUNTIME_ENV``."""
+    if name == "captions" and cfg.annotate.captions.backend == "vllm":
+        from spasem.vlm.vllm_backend import RUNTIME_ENV
+
+        return {"runtime_env": RUNTIME_ENV}
+    return {}
 
 
 def run_annotate_phase(cfg: Config, num_shards: int) -> dict[str, Any]:

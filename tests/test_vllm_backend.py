@@ -155,3 +155,13 @@ def test_ray_data_llm_rows_and_config():
     config = vLLMEngineProcessorConfig(**processor_config(cfg.annotate.captions, cfg.models, "llava-hf/llava-1.5-7b-hf"))
     assert config.runtime_env == RUNTIME_ENV and config.engine_kwargs["enable_prefix_caching"]
     assert config.batch_size == cfg.annotate.captions.batch_size
+
+
+def test_the_captions_pool_gets_vllms_own_runtime_env_only_with_that_backend():
+    from pipeline.annotate_phase import pool_options
+    from spasem.config import load_config
+    from spasem.vlm.vllm_backend import RUNTIME_ENV
+
+    assert pool_options(load_config(None, ["annotate.captions.backend=vllm"]), "captions") == {"runtime_env": RUNTIME_ENV}
+    assert pool_options(load_config(None, ["annotate.captions.backend=vllm"]), "grounding") == {}
+    assert pool_options(load_config(), "captions") == {}

@@ -44,7 +44,7 @@ class StagePoolConfig(_Section):
 
 
 class CaptionsConfig(StagePoolConfig):
-    backend: str = Field("transformers", description="transformers | llava_torch")
+    backend: str = Field("transformers", description="transformers | vllm (own runtime_env) | llava_torch")
     high_prompt: str = HIGH_PROMPT
     low_prompt: str = LOW_PROMPT
     objects_prompt: str = Field(OBJECTS_PROMPT, description="asked about the LR: the objects grounding looks for")
