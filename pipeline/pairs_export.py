@@ -24,7 +24,8 @@ from spasem.shards import (
     read_tar,
     split_holdout,
 )
-from spasem.storage import StorageError, Store
+from spasem.storage import Store
+from stages.runtime import error_line, user_errors
 
 log = logging.getLogger("pipeline.pairs_export")
 
@@ -69,8 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = cfg.storage.open(args.output) if args.output else prepared.child("heldout")
     try:
         keys = export_pairs(prepared, out, args.last, args.limit)
-    except (FileNotFoundError, StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except user_errors() as exc:
+        print(error_line(exc), file=sys.stderr)
         return 1
     print(f"exported {len(keys)} pairs: {out.url('lr')} and {out.url('hr')}")
     return 0 if keys or args.last == 0 else 1

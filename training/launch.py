@@ -19,8 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from spasem.config import Config, ConfigError, build_parser, parse_cli
-from spasem.storage import StorageError
-from stages.runtime import init_ray
+from stages.runtime import error_line, init_ray, user_errors
 from training.checkpoints import latest_checkpoint, ray_storage
 from training.data import DataError, training_shards
 from training.loop import LaunchSpec, build_datasets, train_loop_per_worker
@@ -145,8 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, cfg = parse_cli(parser, argv, DEFAULT_INPUT, DEFAULT_OUTPUT)
     try:
         summary = run_training(cfg)
-    except (DataError, FileNotFoundError, ConfigError, StorageError, TrainingFailed) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (*user_errors(), DataError, TrainingFailed) as exc:
+        print(error_line(exc), file=sys.stderr)
         return 1
     print(f"trained to step {cfg.train.max_steps}: {summary['output']}  export: {summary['export']}")
     return 0
