@@ -67,7 +67,9 @@ def build_trainer(cfg: Config, spec: LaunchSpec):
     """The TorchTrainer: scaling, storage under RUN_URI, failure policy and per-worker datasets."""
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    from training.failures import trainer_class
 
     t = cfg.train
     storage_path, filesystem = ray_storage(cfg.output, cfg.storage)
@@ -77,7 +79,7 @@ def build_trainer(cfg: Config, spec: LaunchSpec):
         failure_config=FailureConfig(max_failures=t.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
     )
-    return TorchTrainer(
+    return trainer_class()(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
@@ -108,12 +110,14 @@ def run_training(cfg: Config) -> dict[str, Any]:
     log.info("%d training shards (%d samples), %d held out; %d steps in epoch 0; members: %s",
              len(plan.shards), sum(s.count for s in plan.shards), len(plan.val), per_epoch,
              ", ".join(plan.members) or "images only (the rest is computed online)")
-    from spasem.profiles import announce_tiny, check_shard_models, prepared_from, resolve_models
+    from spasem.profiles import NodePaths, announce_tiny, check_shard_models, prepared_from
 
-    check_shard_models(cfg.storage.open(cfg.input), cfg.models)  # shards annotated by other models: refused
+    # shards annotated by other models are refused (the markers were read once, by training_shards)
+    check_shard_models(cfg.storage.open(plan.root), cfg.models, plan.shards + plan.val)
     announce_tiny(cfg.models, prepared_from(cfg.input, cfg.storage), "training.launch")
-    paths = resolve_models(cfg.models, ("sd", "clip_vision", "dinov2"))  # the frozen models training loads
-    for name, path in paths.items():
+    # the frozen models training loads: each worker resolves (tiny: builds) them on its own node
+    paths = NodePaths(cfg.models, ("sd", "clip_vision", "dinov2"))
+    for name, path in paths.declared().items():
         problem = _missing_model(name, path)
         if problem:
             raise ConfigError(problem)
@@ -128,6 +132,12 @@ def run_training(cfg: Config) -> dict[str, Any]:
         result, error = None, exc
     if error is not None:
         log.error("training failed", exc_info=error)
+        from training.failures import deterministic_cause
+
+        cause = deterministic_cause(error)
+        if cause is not None:
+            raise TrainingFailed(f"training stopped without a restart (every restart would fail the same way): "
+                                 f"{type(cause).__name__}: {cause}") from error
         raise TrainingFailed(f"training failed after {t.max_failures} restart(s): {_last_line(error)} "
                              "(the full traceback is logged above)") from error
     return {"output": run.url(""), "steps_per_epoch": per_epoch, "export": run.url("export"),
