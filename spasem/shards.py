@@ -14,7 +14,8 @@ import logging
 import re
 import tarfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -245,6 +246,8 @@ def decode_annotations(members: dict[str, bytes]) -> dict[str, Any]:
 class ShardInfo:
     rel: str                # path relative to the listing's folder ("" when the folder is one tar)
     keys: tuple[str, ...]   # sample keys in tar order (sorted, as ShardWriter writes them)
+    # the done marker's stage -> model id record (empty without a marker): read once, with the keys
+    stages: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def count(self) -> int:
@@ -272,18 +275,22 @@ def list_shards(store: Store) -> tuple[Store, list[ShardInfo]]:
     """
     folder, tars = shard_folder(store)
     markers = {m for m in folder.list((".json",)) if "/" not in m} if tars != [""] else set()
-    infos = []
+    finished = []
     for rel in sorted(tars):
-        marker = rel[:-4] + ".json"
-        if markers and marker not in markers:
+        if markers and rel[:-4] + ".json" not in markers:
             log.warning("skipping %s: no done marker, the shard may still be being written", folder.url(rel))
             continue
+        finished.append(rel)
+
+    def info(rel: str) -> ShardInfo:
+        marker = rel[:-4] + ".json"
         if marker in markers:
-            keys = json.loads(folder.read(marker))["keys"]
-        else:
-            keys = [key for key, _ in read_tar(folder.read(rel))]
-        if keys:
-            infos.append(ShardInfo(rel, tuple(keys)))
+            record = json.loads(folder.read(marker))
+            return ShardInfo(rel, tuple(record["keys"]), dict(record.get("stages", {})))
+        return ShardInfo(rel, tuple(key for key, _ in read_tar(folder.read(rel))))
+
+    with ThreadPoolExecutor(16) as pool:  # one small GET per shard: thousands of them on S3
+        infos = [i for i in pool.map(info, finished) if i.keys]
     return folder, infos
 
 

@@ -14,13 +14,10 @@ shards made with other models than its config names (``check_shard_models``).
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
-import re
 import shutil
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import yaml
@@ -28,7 +25,7 @@ from filelock import FileLock
 
 from spasem.config import ConfigError, StorageConfig, sample_photos
 from spasem.config.annotate import ModelsConfig
-from spasem.shards import FINAL_DIR, PAIRS_DIR, shard_folder
+from spasem.shards import FINAL_DIR, PAIRS_DIR, ShardInfo, list_shards, shard_folder
 from spasem.storage import Store
 
 log = logging.getLogger(__name__)
@@ -76,6 +73,40 @@ def resolve_models(cfg: ModelsConfig, names: tuple[str, ...] = MODEL_NAMES) -> d
     if cfg.profile == "tiny":
         return ensure_tiny(cfg.cache_dir, names)
     return {name: getattr(cfg, name) for name in names}
+
+
+class NodePaths(Mapping[str, str]):
+    """``resolve_models`` done where a path is read, not where the mapping was made: handed to Ray actors
+    and training workers, it resolves (the tiny profile: builds under the per-node file lock) on their own
+    node, so none of them needs a folder that only the driver's machine has. It travels as the config.
+
+    A relative ``cache_dir`` is made absolute here: Ray Train changes its workers' working directory per
+    run, and a location fixed once lets every process of a node share one build (each node fills it)."""
+
+    def __init__(self, cfg: ModelsConfig, names: tuple[str, ...] = MODEL_NAMES):
+        cache = str(Path(cfg.cache_dir).expanduser().absolute())
+        self.cfg = cfg if cache == cfg.cache_dir else cfg.model_copy(update={"cache_dir": cache})
+        self.names, self._paths = tuple(names), {}
+
+    def __getitem__(self, name: str) -> str:
+        if name not in self.names:
+            raise KeyError(name)
+        if name not in self._paths:
+            self._paths.update(resolve_models(self.cfg, (name,)))
+        return self._paths[name]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __reduce__(self):  # never ship paths resolved on one machine to another
+        return NodePaths, (self.cfg, self.names)
+
+    def declared(self) -> dict[str, str]:
+        """The configured ids/paths a driver can check without building anything ({} for the tiny profile)."""
+        return {} if self.cfg.profile == "tiny" else resolve_models(self.cfg, self.names)
 
 
 def model_id(cfg: ModelsConfig, name: str) -> str:
@@ -128,18 +159,18 @@ def prepared_from(uri: str, storage: StorageConfig) -> str | None:
     return None
 
 
-def check_shard_models(store: Store, cfg: ModelsConfig) -> dict[str, str]:
+def check_shard_models(store: Store, cfg: ModelsConfig, shards: Iterable[ShardInfo] | None = None) -> dict[str, str]:
     """Refuse shards whose markers name annotation models that differ between shards or from ``cfg``'s,
-    naming both; returns the stage -> model id the shards agree on."""
-    folder, _ = shard_folder(store)
-    names = sorted(m for m in folder.list((".json",)) if re.fullmatch(r"shard-\d{6,}\.json", m))
-    with ThreadPoolExecutor(16) as pool:  # one small GET per shard; thousands of them on S3
-        markers = list(pool.map(lambda m: json.loads(folder.read(m)), names))
+    naming both; returns the stage -> model id the shards agree on. ``shards``: the listing of ``store``
+    when the caller has it already (``list_shards`` reads every marker once, in parallel)."""
+    folder = shard_folder(store)[0]
+    if shards is None:
+        folder, shards = list_shards(store)
     seen: dict[str, dict[str, str]] = {}  # stage -> model id -> the first shard that has it
-    for name, marker in zip(names, markers, strict=True):
-        for stage, mid in marker.get("stages", {}).items():
+    for info in shards:
+        for stage, mid in info.stages.items():
             if stage in ANNOTATION_MODELS:
-                seen.setdefault(stage, {}).setdefault(mid, folder.url(name))
+                seen.setdefault(stage, {}).setdefault(mid, folder.url(info.rel[:-4] + ".json"))
     expected = stage_model_ids(cfg, seen)
     problems = []
     for stage, ids in sorted(seen.items()):
