@@ -45,18 +45,28 @@ class RayNode:
         self.proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", *args], env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
+    def signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
     def stop(self) -> None:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        self.log.close()
+        stop_all([self])
+
+
+def stop_all(nodes: list[RayNode], grace: float = 10) -> None:
+    """SIGTERM to every node at once, SIGKILL to what still runs after ``grace`` seconds in all."""
+    for node in nodes:
+        node.signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for node in nodes:
+        try:
+            node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            node.signal(signal.SIGKILL)
+            node.proc.wait(timeout=10)
+        node.log.close()
 
 
 def _wait_for(what: str, check, timeout: float = 600) -> None:
@@ -126,8 +136,7 @@ def cluster(s3_server):
                          "--resources", json.dumps({name: 1, "trainer": 1})], count)
         yield dashboard, env, temp
     finally:
-        for node in reversed(nodes):
-            node.stop()
+        stop_all(list(reversed(nodes)))
         shutil.rmtree(temp, ignore_errors=True)
 
 
