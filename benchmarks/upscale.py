@@ -94,7 +94,7 @@ def cpu_one(args) -> dict:
         names = upscale_stages(cfg)
         paths = resolve_models(cfg.models)
         stages = {name: STAGES[name](**stage_kwargs(cfg, name, paths)) for name in names}
-        stages["diffuse"] = Diffuser(upscale=ucfg, models=cfg.models, model_path=resolve_model(cfg))
+        stages["diffuse"] = Diffuser(upscale=ucfg, models=cfg.models, model=resolve_model(cfg))
         loaded = rss_mb()
 
         def once() -> dict[str, tuple[float, float]]:

@@ -157,7 +157,7 @@ def run_annotate_phase(cfg: Config, num_shards: int) -> dict[str, Any]:
     """Annotate every pairs shard that has no final marker yet; returns the phase summary."""
     import ray
 
-    from spasem.profiles import resolve_models
+    from spasem.profiles import NodePaths
 
     start = time.time()
     out = cfg.storage.open(cfg.output)
@@ -171,7 +171,7 @@ def run_annotate_phase(cfg: Config, num_shards: int) -> dict[str, Any]:
         )
     names = check_stages(prepare_stages(cfg))
     pending = sorted(set(range(num_shards)) - done_indices(final))
-    paths = resolve_models(cfg.models)
+    paths = NodePaths(cfg.models)  # resolved by each actor on its own node
     ids = stage_ids(cfg, names)
     log.info("annotate phase: %d shards, %d to do, stages %s", num_shards, len(pending), names)
     writer = ray.remote(num_cpus=0.25)(write_final_shard)

@@ -33,7 +33,7 @@ from spasem.config import (
     parse_cli,
     sample_photos,
 )
-from spasem.profiles import announce_tiny
+from spasem.profiles import TINY_VERSION, announce_tiny, fixed_cache
 from spasem.storage import Store
 from stages.diffuse import DiffuseOutOfMemory
 from stages.read import list_images, reject_reason
@@ -86,7 +86,7 @@ def _write(batch: dict, store: Store) -> dict:
     return WriteOutputs(store)(batch)
 
 
-def run_pipeline(cfg: Config, pending: list[str], inp: Store, out: Store, model_path: str,
+def run_pipeline(cfg: Config, pending: list[str], inp: Store, out: Store, model: str | None,
                  names: list[str]) -> list[dict[str, Any]]:
     """Upscale ``pending`` on Ray Data; returns one small row per input (path, status, error, sizes, times)."""
     import ray
@@ -100,12 +100,15 @@ def run_pipeline(cfg: Config, pending: list[str], inp: Store, out: Store, model_
             "max_bytes": cfg.data.max_bytes}
     ds = ds.map_batches(_read, fn_kwargs=read, batch_size=1, num_cpus=ucfg.read_num_cpus, batch_format="numpy")
     if names:
-        from spasem.profiles import resolve_models
+        from spasem.profiles import NodePaths
 
-        ds = annotate_dataset(ds, cfg, names, resolve_models(cfg.models), whole_blocks=False)
+        ds = annotate_dataset(ds, cfg, names, NodePaths(cfg.models), whole_blocks=False)
     pool = ucfg.diffuse
     ds = ds.map_batches(
-        Diffuser, fn_constructor_kwargs={"upscale": cfg.upscale, "models": cfg.models, "model_path": model_path}, batch_size=pool.batch_size,
+        Diffuser, batch_size=pool.batch_size,
+        # the URI, not a local folder: each actor resolves the model on its own node
+        fn_constructor_kwargs={"upscale": cfg.upscale, "models": fixed_cache(cfg.models), "model": model,
+                               "model_cfg": cfg.model, "storage": cfg.storage},
         batch_format="numpy", num_cpus=pool.num_cpus, num_gpus=pool.num_gpus or None,
         compute=ray.data.ActorPoolStrategy(size=pool.pool_size),
     )
@@ -143,7 +146,7 @@ def summarize(cfg: Config, rows: list[dict[str, Any]], skipped: list[str], elaps
 
 def run_upscale(cfg: Config) -> dict[str, Any]:
     """Upscale every pending input of ``cfg.input`` into ``cfg.output``; writes config.yaml and summary.json."""
-    from pipeline.upscale_model import resolve_model
+    from pipeline.upscale_model import model_uri
 
     announce_tiny(cfg.models, cfg.input, "pipeline.upscale")
     start = time.time()
@@ -154,12 +157,13 @@ def run_upscale(cfg: Config) -> dict[str, Any]:
     out.write("config.yaml", config_to_yaml(cfg).encode())
     log.info("%d inputs: %d to upscale, %d skipped (output exists)", len(pending) + len(skipped), len(pending), len(skipped))
     rows: list[dict[str, Any]] = []
-    model = ""
+    model = None
     if pending:
-        model = resolve_model(cfg)
+        model = model_uri(cfg)
         init_ray(cfg.ray, progress=True)
         rows = run_pipeline(cfg, pending, inp, out, model, stages)
-    summary = summarize(cfg, rows, skipped, time.time() - start, model or str(cfg.upscale.model), stages, others)
+    model_name = cfg.upscale.model or f"tiny-v{TINY_VERSION}/sr-untrained"
+    summary = summarize(cfg, rows, skipped, time.time() - start, model_name, stages, others)
     out.write(SUMMARY, json.dumps(summary, indent=1, sort_keys=True).encode())
     return summary
 

@@ -1,6 +1,8 @@
 """Diffusion stage of ``pipeline.upscale``: LR rows -> ``sr`` (the upscaled image), on an actor pool.
 
-Loads a ``SpatialSemanticSRPipeline`` export once per actor and upscales each row with tiled latent
+Loads a ``SpatialSemanticSRPipeline`` export once per actor, resolved on the actor's own node (an
+``s3://`` export fetched into this node's cache, a reference export's base models found or built here,
+no model: the tiny profile's untrained build), and upscales each row with tiled latent
 diffusion (``spasem.model.tiled_diffusion``). Uses the annotation columns when the stages before it made
 them (``caption_high``, ``caption_low``, ``phrases``, ``boxes``, and ``clip_lr``/``dino_lr`` with
 ``upscale.visual_tokens: image``); without them the tiles are
@@ -23,9 +25,12 @@ import numpy as np
 import torch
 
 from spasem.columns import as_list, object_array, stable_seed
+from spasem.config import StorageConfig
 from spasem.config.annotate import ModelsConfig
+from spasem.config.model import ModelConfig
 from spasem.config.upscale import UpscaleConfig
 from spasem.encoders import torch_dtype
+from spasem.model.export import local_model
 from spasem.model.sr_pipeline import load_sr_pipeline
 from spasem.model.tiled_diffusion import TiledUpscaler
 from stages.progress import ImageProgress, counted, image_work
@@ -74,7 +79,10 @@ def _boxes(batch: dict[str, Any], n: int) -> list[np.ndarray]:
 class Diffuser:
     """Stage: ``lr`` (+ annotation columns) -> ``sr``, ``diffuse_s``; failures become rejects."""
 
-    def __init__(self, upscale: UpscaleConfig, models: ModelsConfig, model_path: str):
+    def __init__(self, upscale: UpscaleConfig, models: ModelsConfig, model: str | None,
+                 model_cfg: ModelConfig | None = None, storage: StorageConfig | None = None):
+        """``model``: the export's URI (local folder or ``s3://``) or None for the tiny untrained build
+        (shaped by ``model_cfg``); ``storage`` opens an ``s3://`` export."""
         self.cfg = upscale
         self.device = models.device
         if upscale.diffuse.num_gpus > 0 and self.device == "cpu" and torch.cuda.is_available():
@@ -82,7 +90,8 @@ class Diffuser:
             log.info("upscale.diffuse.num_gpus=%s: running the diffusion stage on cuda", upscale.diffuse.num_gpus)
             self.device = "cuda"
         self.dtype = torch_dtype(models.dtype)
-        self.pipe = load_sr_pipeline(model_path, self.device, self.dtype)
+        folder = local_model(model, models, model_cfg or ModelConfig(), storage or StorageConfig())
+        self.pipe = load_sr_pipeline(folder, self.device, self.dtype, models)
         self.progress: ImageProgress | None = None
         # count the model calls of the image in progress: tile-steps per UNet call, VAE tiles one by one
         self.pipe.predict_noise = counted(self.pipe.predict_noise, "sample", lambda: self.progress,

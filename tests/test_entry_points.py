@@ -54,13 +54,16 @@ def _rejected_only(folder: Path) -> dict[str, str]:
     return {"empty.png": "empty file", "notes.jpg": "not an image", "tiny.png": "too small"}
 
 
-def test_a_model_folder_without_model_index_is_one_line(tmp_path, capsys):
+def test_a_model_folder_that_is_no_export_is_one_line(tmp_path, capsys):
     _photo(tmp_path / "in")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "unet.safetensors").write_bytes(b"weights, but no pipeline")
     argv = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", str(tmp_path / "model")]
     assert upscale_main(argv) == 1
-    _one_error_line(capsys.readouterr().err, "model_index.json", str(tmp_path / "model"))
+    # neither layout: no model_index.json (full export) nor spasem_export.json + controlnet/ (default export)
+    err = capsys.readouterr().err
+    _one_error_line(err, "model_index.json", str(tmp_path / "model"))
+    assert "spasem_export.json" in err
     assert not (tmp_path / "out" / "a.png").exists()
 
 

@@ -187,7 +187,10 @@ def test_prepare_train_upscale_as_ray_jobs_on_three_nodes_over_s3(cluster, s3_se
     sets = [a for s in TRAIN for a in ("--set", s)]
     submit(cluster, ["python", "-m", "training.launch", "--input", f"{s3}/prepared", "--output", f"{s3}/run", *sets])
     run = {o["Key"] for o in s3_server.list_objects_v2(Bucket=bucket, Prefix="run/")["Contents"]}
-    assert "run/export/model_index.json" in run and any(k.startswith("run/checkpoints/") for k in run), sorted(run)
+    assert any(k.startswith("run/checkpoints/") for k in run), sorted(run)
+    # the export: the trained ControlNet and a reference to the base models, no frozen weights uploaded
+    assert {"run/export/spasem_export.json", "run/export/controlnet/diffusion_pytorch_model.safetensors"} <= run
+    assert not any(k.startswith(("run/export/unet/", "run/export/model_index")) for k in run), sorted(run)
     assert _train_worker_nodes(cluster[0]) == {"node_a", "node_b"}, "one training worker on each worker node"
 
     submit(cluster, ["python", "-m", "pipeline.upscale", "--input", f"{s3}/lr", "--output", f"{s3}/sr",

@@ -56,7 +56,7 @@ def test_export_round_trip_gives_identical_outputs_and_any_scheduler(tiny, tmp_p
     obj = trained_like(ModelConfig(fusion="attention", max_boxes=4), tiny, seed=1)
     image = lr_image(16, 24, seed=1)
     before = run(obj.pipeline(), image, seed=3)
-    obj.export(str(tmp_path / "export"))
+    obj.export(str(tmp_path / "export"), full=True)  # the self-contained layout (train.export_full)
     pipe = SpatialSemanticSRPipeline.from_pretrained(str(tmp_path / "export"))
     assert isinstance(pipe.controlnet, SpatialSemanticControlNet) and pipe.controlnet.config.fusion == "attention"
     after = run(pipe, image, seed=3)

@@ -180,7 +180,12 @@ def test_zero2_trains_on_the_annotated_shards_loss_falls_and_writes_the_run_fold
     assert json.loads((reference / "export" / "export.json").read_text()) == {"step": 4}
     card = (reference / "export" / "README.md").read_text()  # the model card: steps, data, base, licence
     assert "for 4 optimizer steps" in card and "6 samples in 3 WebDataset shards" in card
-    assert "random-init tiny test models" in card and "train:\n" in card
+    assert "license: other" in card and "random-init tiny test models" in card and "train:\n" in card
+    # the default export: the trained ControlNet and a reference to the base models, no frozen weights
+    export = reference / "export"
+    assert sorted(p.name for p in export.iterdir()) == ["README.md", "config.yaml", "controlnet", "export.json",
+                                                         "spasem_export.json"]
+    assert json.loads((export / "spasem_export.json").read_text())["models"]["profile"] == "tiny"
     assert sorted(p.name for p in (reference / "samples").glob("*.png")) == ["step-00000002.png", "step-00000004.png"]
     assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
     state = json.loads((reference / "checkpoints" / "step-00000004" / "state.json").read_text())
@@ -193,7 +198,8 @@ def test_zero3_trains_on_bare_pairs_and_loss_falls(shards, tmp_path):
     out = tmp_path / "zero3"  # the pairs only: captions, features, latents all computed online
     assert launch_main(_args(shards / "pairs", out, "deepspeed.stage=3", "train.export_with_checkpoint=false")) == 0
     _check_trained(out)
-    assert (out / "export" / "model_index.json").exists()  # the final export, gathered from ZeRO-3 slices too
+    # the final export, gathered from ZeRO-3 slices too
+    assert (out / "export" / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
 
 
 def test_relaunch_resumes_with_same_step_same_samples_and_identical_losses(reference, shards, tmp_path):
@@ -201,8 +207,10 @@ def test_relaunch_resumes_with_same_step_same_samples_and_identical_losses(refer
     assert launch(_args(shards, run, "deepspeed.stage=2", "train.max_steps=2",
                         "train.export_with_checkpoint=false"), record) == 0
     assert latest_checkpoint(open_store(str(run)))[1].step == 2
-    # a new process in real life; here a new Ray Train run on the same --output with a higher step budget
-    assert launch(_args(shards, run, "deepspeed.stage=2", "train.max_steps=4"), record) == 0
+    # a new process in real life; here a new Ray Train run on the same --output with a higher step budget,
+    # exporting the self-contained pipeline this time (a safe change: nothing in the checkpoint depends on it)
+    assert launch(_args(shards, run, "deepspeed.stage=2", "train.max_steps=4", "train.export_full=true"), record) == 0
+    _same_model_in_both_layouts(reference / "export", run / "export")
     # interrupted and resumed, the run saw exactly the key sequence of the uninterrupted one
     assert keys_by_step(record) == reference_keys(reference)
     launches = [json.loads(line) for line in (run / "launches.jsonl").read_text().splitlines()]
@@ -222,6 +230,28 @@ def test_relaunch_resumes_with_same_step_same_samples_and_identical_losses(refer
     assert math.isfinite(_by_step(read_metrics(open_store(str(run))))[5]["loss"])
 
 
+def _same_model_in_both_layouts(default: Path, full: Path) -> None:
+    """The uninterrupted run's default export and the relaunched run's full export (same steps, samples
+    and seeds) hold the same ControlNet and upscale an image to the same pixels; the full one loads alone."""
+    import torch
+
+    from spasem.config import load_config
+    from spasem.model.controlnet import SpatialSemanticControlNet
+    from stages.diffuse import Diffuser
+    from tests.test_upscale import _diffuse_row
+
+    assert not (default / "model_index.json").exists() and (full / "model_index.json").is_file()
+    assert all((full / part).is_dir() for part in ("unet", "vae", "text_encoder", "clip_vision", "dino"))
+    a, b = (SpatialSemanticControlNet.from_pretrained(str(f / "controlnet")).state_dict() for f in (default, full))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cfg = load_config()
+    fast = cfg.upscale.model_copy(update={"steps": 2, "tile_size": 16, "tile_overlap": 4, "scale": 2})
+    lr = (np.arange(20 * 28 * 3) % 251).astype(np.uint8).reshape(20, 28, 3)
+    outs = [Diffuser(fast, cfg.models, str(f))(_diffuse_row(lr, "x.png"))["sr"][0] for f in (default, full)]
+    assert outs[0].shape == (40, 56, 3)
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
 def test_injected_fault_is_survived_with_checkpoints_on_s3(reference, shards, bucket, tmp_path):
     uri, record = f"s3://{bucket}/runs/faulty", tmp_path / "keys.jsonl"
     assert launch(_args(shards, uri, "deepspeed.stage=2", "train.max_failures=1",
@@ -233,7 +263,9 @@ def test_injected_fault_is_survived_with_checkpoints_on_s3(reference, shards, bu
     for step in (2, 4):
         assert f"checkpoints/step-{step:08d}/state.json" in files
         assert f"checkpoints/step-{step:08d}/deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt" in files
-    assert "export/model_index.json" in files and "metrics.jsonl" in files
+    assert {"export/spasem_export.json", "export/controlnet/diffusion_pytorch_model.safetensors", "metrics.jsonl",
+            "export/README.md"} <= files
+    assert not any(name.startswith(("export/unet/", "export/vae/", "export/model_index")) for name in files)
     ref, faulty = _by_step(read_metrics(open_store(str(reference)))), _by_step(read_metrics(run))
     assert sorted(faulty) == [0, 1, 2, 3, 4]
     # restarted from the step-2 checkpoint, the data stream and the losses continue as if nothing happened
@@ -249,10 +281,10 @@ def test_injected_fault_is_survived_with_checkpoints_on_s3(reference, shards, bu
 def test_export_loads_into_the_one_image_pipeline(reference, shards):
     import torch
 
-    from spasem.model.sr_pipeline import SpatialSemanticSRPipeline
+    from spasem.model.sr_pipeline import load_sr_pipeline
     from spasem.shards import decode_member, read_tar
 
-    pipe = SpatialSemanticSRPipeline.from_pretrained(str(reference / "export"))
+    pipe = load_sr_pipeline(str(reference / "export"))  # the base models resolved here, from the reference
     _, members = read_tar((shards / "pairs" / "shard-000000.tar").read_bytes())[0]
     lr = decode_member("lr.png", members["lr.png"])
     out = pipe(lr, prompt="a photo", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
@@ -292,7 +324,7 @@ def test_ema_offload_accumulation_warmup_validation_samples_and_rotation_train(f
     import torch
     from safetensors.torch import load_file
 
-    from spasem.model.sr_pipeline import SpatialSemanticSRPipeline
+    from spasem.model.controlnet import SpatialSemanticControlNet
 
     out, summary, keys = features
     metrics = _by_step(read_metrics(open_store(str(out))))
@@ -312,7 +344,7 @@ def test_ema_offload_accumulation_warmup_validation_samples_and_rotation_train(f
            if k.startswith("controlnet.")}
     assert ema
     raw = torch.load(ckpt / "deepspeed" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    exported = SpatialSemanticSRPipeline.from_pretrained(str(out / "export")).controlnet.state_dict()
+    exported = SpatialSemanticControlNet.from_pretrained(str(out / "export" / "controlnet")).state_dict()
     assert all(torch.equal(exported[k].float(), v.float()) for k, v in ema.items())
     assert any(not torch.equal(raw[f"controlnet.{k}"].float(), v.float()) for k, v in ema.items())
     # the metrics reached Ray Train's Result (and so any Ray integration: MLflow, W&B, ...)

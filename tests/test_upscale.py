@@ -7,9 +7,12 @@ the realism knob and seams on the real model in-process.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 
 import cv2
@@ -22,6 +25,7 @@ from pipeline.upscale import main
 from pipeline.upscale_model import resolve_model
 from spasem.config import load_config
 from spasem.metrics import full_reference_metrics
+from spasem.model.sr_pipeline import REFERENCE, write_reference
 from spasem.model.tiled_vae import bicubic_upsample
 from tests.conftest import _png_header_only, skimage_photo
 
@@ -120,13 +124,16 @@ def test_s3_input_output_and_model(bucket, s3_server, tmp_path, ray_cluster):
     s3_server.put_object(Bucket=bucket, Key="in/a.png", Body=_encode(photo[:40, :56], "PNG"))
     s3_server.put_object(Bucket=bucket, Key="in/sub/b.jpg", Body=_encode(photo[100:137, 200:249], "JPEG"))
     s3_server.put_object(Bucket=bucket, Key="in/broken.png", Body=b"\x89PNG\r\n\x1a\n broken")
-    # the model too comes from S3, as a training run's export would
-    model = Path(resolve_model(load_config()))
-    for path in model.rglob("*"):
-        if path.is_file():
-            s3_server.put_object(Bucket=bucket, Key=f"export/{path.relative_to(model)}", Body=path.read_bytes())
+    # the model too comes from S3 in a training run's default layout: controlnet/ + the base-model reference
+    cfg = load_config()
+    export = tmp_path / "export"
+    shutil.copytree(Path(resolve_model(cfg)) / "controlnet", export / "controlnet")
+    write_reference(export, cfg.models, cfg.model)
+    (export / "export.json").write_text(json.dumps({"step": time.time_ns()}))  # a new export at the same URI
+    for path in (p for p in export.rglob("*") if p.is_file()):
+        s3_server.put_object(Bucket=bucket, Key=f"export/{path.relative_to(export)}", Body=path.read_bytes())
     argv = ["--input", f"s3://{bucket}/in", "--output", f"s3://{bucket}/out", "--model", f"s3://{bucket}/export",
-            "--set", "upscale.stages=[]", "--set", f"models.cache_dir={tmp_path / 'cache'}"]
+            "--set", "upscale.stages=[]"]
     for item in FAST:
         argv += ["--set", item]
     assert main(argv) == 0
@@ -137,7 +144,13 @@ def test_s3_input_output_and_model(bucket, s3_server, tmp_path, ray_cluster):
         assert im.format == "JPEG" and im.size == (49 * 4, 37 * 4)
     summary = json.loads(s3_server.get_object(Bucket=bucket, Key="out/summary.json")["Body"].read())
     assert summary["upscaled"] == 2 and summary["rejected_by_reason"] == {"not an image": 1}
-    assert summary["model"].startswith(str(tmp_path / "cache" / "remote"))
+    # the driver passed the URI on; the diffusion actor fetched the export into its node's cache itself
+    assert summary["model"] == f"s3://{bucket}/export"
+    stamp = (export / "export.json").read_bytes()
+    digest = hashlib.sha256(f"s3://{bucket}/export\n".encode() + stamp).hexdigest()[:16]
+    fetched = Path(cfg.models.cache_dir).resolve() / "remote" / digest
+    assert (fetched / ".complete").exists() and sorted(p.name for p in fetched.iterdir()) == [
+        ".complete", "controlnet", "export.json", REFERENCE]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,9 @@ Layout::
         deepspeed/...                         DeepSpeed per-rank model/optimizer/scheduler state
         ema.safetensors                       EMA of the trainable weights (train.ema)
         ranks/rank-R.json                     one per rank, written after the rank's upload: complete when all exist
-    RUN_URI/export/                           SpatialSemanticSRPipeline.save_pretrained (+ config.yaml, README.md)
+    RUN_URI/export/                           controlnet/ + spasem_export.json (the base models it runs on),
+                                              README.md (model card), config.yaml, export.json; with
+                                              train.export_full the whole pipeline (model_index.json) too
 
 The resume point is "the newest complete checkpoint"; the dataset factory (on the controller) and
 every worker apply the same rule to the same files, so model state and data position always agree.
@@ -27,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from spasem.config import Config, StorageConfig, config_to_yaml
+from spasem.config import StorageConfig
 from spasem.storage import LocalStore, Store, download_tree, upload_tree
 
 log = logging.getLogger(__name__)
@@ -126,40 +128,8 @@ def ray_storage(run_uri: str, storage: StorageConfig):
     return (path if fs is not None else os.path.abspath(os.path.expanduser(path))), fs
 
 
-# licences of the base models a run can start from; anything else: the user checks the base model's card
-LICENCES = {
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
-    "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
-    "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
-    "stabilityai/stable-diffusion-2-1": "openrail++",
-    "stabilityai/stable-diffusion-2-1-base": "openrail++",
-    "openai/clip-vit-large-patch14": "mit",
-    "facebook/dinov2-base": "apache-2.0",
-}
-
-
-def model_card(cfg: Config, step: int, epoch: int, data: str) -> str:
-    """README.md of an export: what was trained, on what, for how long, from which base and under which licence."""
-    m = cfg.models
-    bases = {"sd": m.sd, "clip_vision": m.clip_vision, "dinov2": m.dinov2}
-    if m.profile == "tiny":
-        licence, lines = "other", ["random-init tiny test models (profile `tiny`): no licence applies, not for use"]
-    else:
-        licence = LICENCES.get(m.sd, "other")
-        lines = [f"`{name}`: `{ref}`, licence: {LICENCES.get(ref, 'see the model card of ' + ref)}"
-                 for name, ref in bases.items()]
-    return (f"---\nlicense: {licence}\nbase_model: {m.sd if m.profile != 'tiny' else 'tiny'}\n"
-            f"tags: [super-resolution, controlnet, xpsr]\nlibrary_name: diffusers\n---\n\n"
-            f"# Spatial-Semantic ControlNet super-resolution\n\n"
-            f"Trained by `python -m training.launch` for {step} optimizer steps (epoch {epoch}) with "
-            f"{cfg.train.num_workers} workers x batch {cfg.train.batch_size} x accumulation {cfg.train.grad_accum}.\n\n"
-            f"## Data\n\n{data}\n\n## Base models\n\n" + "".join(f"- {line}\n" for line in lines)
-            + "\nThe trained weights inherit the base model's licence and its use restrictions.\n\n"
-            f"## Config\n\n```yaml\n{config_to_yaml(cfg)}```\n")
-
-
 def publish_export(local: str | Path, run: Store, config_yaml: str, step: int, card: str = "") -> str:
-    """Publish a ``save_pretrained`` folder as RUN_URI/export/ (with the resolved config and the model card
+    """Publish an export folder (``Runner.export``) as RUN_URI/export/ (with the resolved config and the model card
     ``card`` as README.md); returns its URL.
 
     Locally the new folder replaces the old one by rename, so a reader never sees a half export. On S3

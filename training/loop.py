@@ -20,17 +20,18 @@ from typing import Any
 
 from spasem.config import Config, config_to_yaml, validate_config
 from spasem.model.sr_pipeline import load_sr_pipeline
+from spasem.profiles import NodePaths
 from training.checkpoints import (
     TrainState,
     checkpoint_name,
     fetch_checkpoint,
     latest_checkpoint,
     mark_rank_done,
-    model_card,
     publish_export,
     resume_point,
 )
 from training.data import ShardPlan, rank_dataset, to_torch, val_dataset
+from training.model_card import model_card
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class LaunchSpec:
 
     config: dict[str, Any]        # the resolved config (model_dump)
     plan: ShardPlan
-    paths: dict[str, str]         # model name -> local path or hub id
+    paths: NodePaths              # the frozen models, resolved by each worker on its own node
     max_boxes: int
 
     @property
@@ -144,7 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if publish:
                 card = model_card(cfg, runner.state.step, runner.state.epoch, _data_line(spec))
                 publish_export(exported, run, config_to_yaml(cfg), runner.state.step, card)
-            _samples(exported, samples_batch, runner.state.step, cfg, run, reporter, device)
+            _samples(exported, samples_batch, runner.state.step, cfg, spec.paths.cfg, run, reporter, device)
             shutil.rmtree(exported, ignore_errors=True)
 
     if val and start.step == 0:
@@ -209,7 +210,7 @@ def spec_val_batches(spec: LaunchSpec, cfg: Config):
     return ray.train.get_dataset_shard("val").iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy")
 
 
-def _samples(export_dir: str, batch: dict[str, Any] | None, step: int, cfg: Config, run, reporter,
+def _samples(export_dir: str, batch: dict[str, Any] | None, step: int, cfg: Config, models, run, reporter,
              device) -> None:
     """Rank 0: LR | output | HR grid from the freshly exported pipeline (so the export is exercised too)."""
     if batch is None:
@@ -217,7 +218,7 @@ def _samples(export_dir: str, batch: dict[str, Any] | None, step: int, cfg: Conf
     from training.reporting import render_samples, write_png
 
     try:
-        pipe = load_sr_pipeline(export_dir, str(device))
+        pipe = load_sr_pipeline(export_dir, str(device), models=models)  # base models: this node's
         grid = render_samples(pipe, batch, cfg.train.num_samples, cfg.train.sample_steps, cfg.train.seed)
     except Exception:  # a broken grid must not kill a long run; the export itself was already published
         log.exception("sample grid at step %d failed", step)

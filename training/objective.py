@@ -2,7 +2,7 @@
 Spatial-Semantic ControlNet, composed into one module whose forward returns the weighted losses.
 
 The training runner wraps this module in DeepSpeed and optimizes ``trainable_parameters()``; the
-upscale stage and users load what ``export`` writes with ``SpatialSemanticSRPipeline.from_pretrained``.
+upscale stage and users load what ``export`` writes with ``spasem.model.sr_pipeline.load_sr_pipeline``.
 Shard members that are missing from a batch (``text``, ``latent``, ``clip_lr``, ...) are computed
 online with ``spasem.encoders``, the code the annotation stages use.
 """
@@ -10,6 +10,8 @@ online with ``spasem.encoders``, the code the annotation stages use.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +23,7 @@ from spasem.encoders import ImageEncoders, encode_phrases, encode_prompts
 from spasem.model.controlnet import SpatialSemanticControlNet, controlled_unet
 from spasem.model.latents import decode_latents, sample_posterior, vae_posterior
 from spasem.model.restorer import apply_keep, stream_keep_masks
-from spasem.model.sr_pipeline import SpatialSemanticSRPipeline, build_sr_pipeline
+from spasem.model.sr_pipeline import CONTROLNET, SpatialSemanticSRPipeline, build_sr_pipeline
 from spasem.pixels import signed_to_hwc
 from training import losses
 
@@ -50,7 +52,7 @@ class SRObjective(nn.Module):
         self._empty_text: torch.Tensor | None = None
 
     @classmethod
-    def from_paths(cls, paths: dict[str, str], model_cfg: ModelConfig, loss_cfg: LossConfig,
+    def from_paths(cls, paths: Mapping[str, str], model_cfg: ModelConfig, loss_cfg: LossConfig,
                    dtype: torch.dtype = torch.float32) -> SRObjective:
         """Load the frozen parts by path (``sd``, ``clip_vision``, ``dinov2``) and build the ControlNet.
 
@@ -207,8 +209,10 @@ class SRObjective(nn.Module):
             dino=self.encoders.dino, dino_processor=self.encoders.dino_processor,
         )
 
-    def export(self, path: str, controlnet_state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Save a complete ``SpatialSemanticSRPipeline`` into local folder ``path``.
+    def export(self, path: str, controlnet_state_dict: dict[str, torch.Tensor] | None = None,
+               full: bool = False) -> None:
+        """Save the trained ControlNet into ``path/controlnet`` (diffusers ``save_pretrained``, safetensors);
+        ``full``: the whole ``SpatialSemanticSRPipeline`` instead (model_index.json, the frozen parts too).
 
         ``controlnet_state_dict`` (e.g. gathered from ZeRO-3 partitions, or EMA weights) replaces the
         live ControlNet weights in the export without touching the training module.
@@ -217,4 +221,7 @@ class SRObjective(nn.Module):
         if controlnet_state_dict is not None:
             controlnet = SpatialSemanticControlNet.from_config(self.controlnet.config)
             controlnet.load_state_dict(controlnet_state_dict)
-        self.pipeline(controlnet).save_pretrained(path, safe_serialization=True)
+        if full:  # save_pretrained writes controlnet/ among the other parts
+            self.pipeline(controlnet).save_pretrained(path, safe_serialization=True)
+        else:
+            controlnet.save_pretrained(str(Path(path, CONTROLNET)), safe_serialization=True)

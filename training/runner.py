@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import torch.distributed as dist
 
 from spasem.columns import stable_seed
 from spasem.config import Config, ConfigError, config_to_yaml
+from spasem.model.sr_pipeline import write_reference
 from training.checkpoints import TrainState
 from training.deepspeed_config import build_deepspeed_config, build_lr_scheduler, build_optimizer, describe
 
@@ -67,7 +69,7 @@ class EMA:
 class Runner:
     """Owns the engine and the counters; the loop in ``training.loop`` feeds it batches."""
 
-    def __init__(self, cfg: Config, paths: dict[str, str], rank: int, world_size: int, device: torch.device):
+    def __init__(self, cfg: Config, paths: Mapping[str, str], rank: int, world_size: int, device: torch.device):
         import deepspeed
 
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
@@ -227,7 +229,8 @@ class Runner:
                 yield
 
     def export(self, folder: str | None = None) -> str | None:
-        """Rank 0 writes a complete SpatialSemanticSRPipeline (EMA weights when enabled) to a local folder.
+        """Rank 0 writes the export (EMA weights when enabled) to a local folder: ``controlnet/`` and the
+        reference to the base models (``spasem_export.json``), plus the whole pipeline with ``train.export_full``.
 
         Collective under ZeRO-3; returns the folder on rank 0, None elsewhere.
         """
@@ -244,7 +247,8 @@ class Runner:
                         state[name[len(prefix):]] = value
             elif self.stage == 3:
                 state = {k: v.detach().float().cpu().clone() for k, v in self.objective.controlnet.state_dict().items()}
-            self.objective.export(folder, controlnet_state_dict=state)
+            self.objective.export(folder, controlnet_state_dict=state, full=self.cfg.train.export_full)
+            write_reference(folder, self.cfg.models, self.cfg.model)
             return folder
 
 

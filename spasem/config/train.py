@@ -39,6 +39,9 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(500, ge=1, description="optimizer steps between checkpoints (and one at the end)")
     keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept under RUN_URI/checkpoints")
     export_with_checkpoint: bool = Field(True, description="refresh RUN_URI/export/ at every checkpoint (always at the end)")
+    export_full: bool = Field(False, description="the export also holds the frozen base models (model_index.json "
+                              "folder, loads with no base model around); default: the trained ControlNet and a "
+                              "reference to models.sd/clip_vision/dinov2")
     max_failures: int = Field(3, ge=0, description="worker-group restarts from the last checkpoint before giving up")
     # logging
     log_every: int = Field(10, ge=1, description="steps between metrics.jsonl / TensorBoard lines")

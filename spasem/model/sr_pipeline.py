@@ -5,6 +5,11 @@ Components: the frozen SD parts (``vae``, ``text_encoder``, ``tokenizer``, ``une
 (``clip_vision``/``clip_processor``, ``dino``/``dino_processor``). ``save_pretrained`` writes them in
 diffusers' folder layout; ``from_pretrained`` loads them back.
 
+A training export is smaller by default: ``controlnet/`` (the only trained part) and
+``spasem_export.json``, a reference to the base models as configured (hub ids or paths, never a
+machine's resolved cache path). ``load_sr_pipeline`` loads both layouts; for a reference it resolves
+the base models on the machine that loads, so every node of a cluster finds (or builds) its own copy.
+
 Classifier-free guidance follows XPSR: the unconditional stream replaces the high-level caption by
 the negative prompt and keeps the grounding and visual tokens; its low-level caption is
 ``negative_prompt_low`` when given (XPSR's pipeline hard-codes "high resolution, best quality, clear"),
@@ -19,6 +24,9 @@ latent tile and step.
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -28,11 +36,14 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 
+from spasem.config import ConfigError
+from spasem.config.annotate import ModelsConfig
 from spasem.config.upscale import NEGATIVE_PROMPT, UpscaleConfig
 from spasem.encoders import ImageEncoders, encode_phrases, encode_prompts, load_text_encoder
 from spasem.model.controlnet import SpatialSemanticControlNet, controlled_unet
 from spasem.model.latents import decode_latents
 from spasem.model.tiled_diffusion import TiledUpscaler, padded_latent_size
+from spasem.profiles import model_id, resolve_models
 
 
 @dataclass
@@ -189,7 +200,7 @@ class SpatialSemanticSRPipeline(DiffusionPipeline):
         return sr.astype(np.float32) / 255.0
 
 
-def build_sr_pipeline(paths: dict[str, str], model_cfg, dtype: torch.dtype = torch.float32) -> SpatialSemanticSRPipeline:
+def build_sr_pipeline(paths: Mapping[str, str], model_cfg, dtype: torch.dtype = torch.float32) -> SpatialSemanticSRPipeline:
     """The frozen parts loaded by path (``sd``, ``clip_vision``, ``dinov2``) and a float32 ControlNet.
 
     With ``paths["controlnet"]`` (an exported ``controlnet`` folder) the ControlNet is loaded from it;
@@ -218,14 +229,75 @@ def build_sr_pipeline(paths: dict[str, str], model_cfg, dtype: torch.dtype = tor
     )
 
 
-def load_sr_pipeline(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> SpatialSemanticSRPipeline:
-    """A saved ``SpatialSemanticSRPipeline`` (``save_pretrained`` folder), on ``device`` in ``dtype``."""
-    if not Path(path, "model_index.json").is_file():
+# -- the export: the trained ControlNet plus a reference to its base models -------------------------
+INDEX = "model_index.json"          # a self-contained pipeline folder (save_pretrained): diffusers reads it first
+REFERENCE = "spasem_export.json"    # the default export: controlnet/ + the base models it was trained on
+CONTROLNET = "controlnet"
+BASE_MODELS = ("sd", "clip_vision", "dinov2")  # the frozen models an export refers to
+FORMAT_VERSION = 1
+
+
+def export_layout(has: Callable[[str], bool]) -> str | None:
+    """``"pipeline"`` (model_index.json), ``"reference"`` (spasem_export.json) or None, given an existence test
+    over the folder's relative paths (a local folder, or HEAD requests on an S3 prefix: no download)."""
+    if has(INDEX):
+        return "pipeline"
+    if has(REFERENCE) and has(f"{CONTROLNET}/config.json"):
+        return "reference"
+    return None
+
+
+def write_reference(folder: str | Path, models: ModelsConfig, model_cfg) -> None:
+    """``folder/spasem_export.json``: the base models as the user configured them (hub ids or paths, never
+    a machine's resolved cache path, so every machine resolves them itself) and the model config."""
+    try:
+        version = importlib.metadata.version("spasem-sr")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        version = "unknown"
+    ref = {
+        "format": "spasem-sr-export", "format_version": FORMAT_VERSION, "spasem_sr": version,
+        "controlnet": CONTROLNET,
+        "models": {"profile": models.profile, **{name: getattr(models, name) for name in BASE_MODELS}},
+        "model_ids": {name: model_id(models, name) for name in BASE_MODELS},
+        "model": model_cfg.model_dump(mode="json"),
+    }
+    Path(folder, REFERENCE).write_text(json.dumps(ref, indent=1, sort_keys=True) + "\n")
+
+
+def reference_paths(folder: str | Path, models: ModelsConfig | None = None) -> dict[str, str]:
+    """The model paths of a reference export on this machine: its base models resolved here (the tiny
+    profile built into ``models.cache_dir``), ``controlnet`` the export's own folder."""
+    ref = json.loads(Path(folder, REFERENCE).read_text())
+    if ref.get("format_version", 0) > FORMAT_VERSION:
+        raise ConfigError(f"{folder} is a format {ref['format_version']} export; this install reads format "
+                          f"{FORMAT_VERSION}: upgrade spasem-sr (the export was written by {ref.get('spasem_sr')})")
+    local = models or ModelsConfig()
+    base = ModelsConfig(**ref["models"], cache_dir=local.cache_dir)
+    for name, recorded in ref.get("model_ids", {}).items():
+        if name in BASE_MODELS and model_id(base, name) != recorded:
+            raise ConfigError(f"{folder} was trained on {recorded!r} but models.{name} resolves to "
+                              f"{model_id(base, name)!r} here: the tiny models changed since; train again")
+    paths = resolve_models(base, BASE_MODELS)
+    paths[CONTROLNET] = str(Path(folder, ref.get("controlnet", CONTROLNET)))
+    return paths
+
+
+def load_sr_pipeline(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                     models: ModelsConfig | None = None) -> SpatialSemanticSRPipeline:
+    """An export on ``device`` in ``dtype``: a self-contained ``save_pretrained`` folder (model_index.json),
+    or a ControlNet-only export whose base models (spasem_export.json) are resolved on this machine
+    (``models``: where the tiny profile builds them)."""
+    layout = export_layout(lambda rel: Path(path, rel).is_file())
+    if layout is None:
         raise FileNotFoundError(
-            f"{path} is not a saved SpatialSemanticSRPipeline (no model_index.json); pass --model with "
+            f"{path} is not a training export (no {INDEX} nor {REFERENCE} + {CONTROLNET}/); pass --model with "
             "a training export (RUN_URI/export) or leave it out to use the untrained tiny-profile build"
         )
-    pipe = SpatialSemanticSRPipeline.from_pretrained(path, dtype=dtype)
+    if layout == "pipeline":
+        pipe = SpatialSemanticSRPipeline.from_pretrained(path, dtype=dtype)
+    else:
+        pipe = build_sr_pipeline(reference_paths(path, models), None, dtype)
+        pipe.controlnet.to(dtype)  # as from_pretrained(dtype=...) loads every part: both layouts run alike
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -75,18 +75,23 @@ def resolve_models(cfg: ModelsConfig, names: tuple[str, ...] = MODEL_NAMES) -> d
     return {name: getattr(cfg, name) for name in names}
 
 
+def fixed_cache(cfg: ModelsConfig) -> ModelsConfig:
+    """``cfg`` with an absolute ``cache_dir`` (relative: to this process's working directory). Ray Train
+    moves its workers into a folder per run: a location fixed before the section travels lets every
+    process of a node share one build, and each node fills that location itself."""
+    cache = str(Path(cfg.cache_dir).expanduser().absolute())
+    return cfg if cache == cfg.cache_dir else cfg.model_copy(update={"cache_dir": cache})
+
+
 class NodePaths(Mapping[str, str]):
     """``resolve_models`` done where a path is read, not where the mapping was made: handed to Ray actors
     and training workers, it resolves (the tiny profile: builds under the per-node file lock) on their own
     node, so none of them needs a folder that only the driver's machine has. It travels as the config.
 
-    A relative ``cache_dir`` is made absolute here: Ray Train changes its workers' working directory per
-    run, and a location fixed once lets every process of a node share one build (each node fills it)."""
+    ``cfg.cache_dir`` is fixed first (``fixed_cache``)."""
 
     def __init__(self, cfg: ModelsConfig, names: tuple[str, ...] = MODEL_NAMES):
-        cache = str(Path(cfg.cache_dir).expanduser().absolute())
-        self.cfg = cfg if cache == cfg.cache_dir else cfg.model_copy(update={"cache_dir": cache})
-        self.names, self._paths = tuple(names), {}
+        self.cfg, self.names, self._paths = fixed_cache(cfg), tuple(names), {}
 
     def __getitem__(self, name: str) -> str:
         if name not in self.names:
