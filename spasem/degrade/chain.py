@@ -28,9 +28,9 @@ from spasem.degrade.ops import (
     resize,
     uint8_to_unit,
     unit_to_uint8,
-    usm_sharp,
 )
 from spasem.degrade.params import DegradationParams, KernelParams, UsmParams, sample_params
+from spasem.degrade.usm import usm_sharp
 
 PARAMS_STREAM, NOISE_STREAM = 0, 1
 

@@ -21,7 +21,7 @@ _BORDER = cv2.BORDER_REFLECT_101  # what torch's F.pad(mode="reflect") in BasicS
 _KERNEL_TOL = 5e-7  # L1 mass a blur may drop or approximate: below float32 rounding of the sums
 _TINY_TAP = 1e-12  # taps below this are zeroed (441 of them sum to far less than _KERNEL_TOL)
 _DFT_TAPS = 130  # OpenCV's filter2D uses a DFT from this many taps on (float32 in and out)
-_BANDED_MAX = 19  # larger kernels: OpenCV's DFT beats the bands (measured on one thread)
+_BANDED_MAX = 19  # larger kernels go through _fft_blur instead of bands
 
 
 def uint8_to_unit(img: np.ndarray) -> np.ndarray:
@@ -69,16 +69,27 @@ def _separable(kernel: np.ndarray, tol: float) -> list[tuple[np.ndarray, np.ndar
     return None
 
 
+# Rough single-thread cost, ns per output pixel of an RGB float32 image (measured with OpenCV 5.0 at
+# 96..768 px): it only chooses how to apply a kernel, every way gives the same image within _KERNEL_TOL.
+# The choice depends on the kernel and the image size alone, so a record re-synthesizes the same way.
+def _separable_cost(size: int, rank: int) -> float:
+    return rank * (2.2 + 0.6 * size)  # one sepFilter2D per rank-1 term
+
+
 def _direct_cost(size: int) -> float:
-    """Rough ms per 512^2 RGB float32 image on one thread, for choosing how to apply a kernel."""
     taps = size * size
     if taps < _DFT_TAPS:
-        return 0.045 * taps
-    return 0.055 * taps if size <= _BANDED_MAX else 24.0  # banded direct form, else OpenCV's DFT
+        return 0.5 + 0.14 * taps
+    return 0.16 * taps if size <= _BANDED_MAX else math.inf  # banded; OpenCV's own DFT path loses to _fft_blur
 
 
-def _separable_cost(size: int, rank: int) -> float:
-    return rank * (1.0 + 0.2 * size)
+def _fft_shape(h: int, w: int, size: int) -> tuple[int, int]:
+    return cv2.getOptimalDFTSize(h + size - 1), cv2.getOptimalDFTSize(w + size - 1)
+
+
+def _fft_cost(h: int, w: int, size: int) -> float:
+    nh, nw = _fft_shape(h, w, size)
+    return 33.0 * nh * nw / (h * w)
 
 
 def _banded_filter(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -99,62 +110,60 @@ def _banded_filter(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return out
 
 
+def _fft_blur(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """2-D correlation by real DFTs (OpenCV's packed CCS form), reflect-101 borders, channel by channel.
+
+    The image is padded by the kernel radius (reflect-101) up to a fast DFT size and the flipped
+    kernel wrapped around the origin; outputs at the padded image's centre read no wrapped pixels,
+    so the circular convolution equals the correlation there. Float32 DFTs round to ~5e-7.
+    """
+    h, w = img.shape[:2]
+    size, r = kernel.shape[0], kernel.shape[0] // 2
+    nh, nw = _fft_shape(h, w, size)
+    wrapped = np.zeros((nh, nw), np.float32)
+    wrapped[np.ix_((np.arange(size) - r) % nh, (np.arange(size) - r) % nw)] = kernel[::-1, ::-1]
+    spectrum = cv2.dft(wrapped)
+    # a smooth kernel's spectrum decays into float32 denormals, which make the products ~5x slower
+    spectrum[np.abs(spectrum) < _TINY_TAP] = 0.0
+    padded = cv2.copyMakeBorder(img, r, nh - h - r, r, nw - w - r, _BORDER)
+    planes = []
+    for plane in cv2.split(padded):
+        freq = cv2.dft(plane)
+        cv2.mulSpectrums(freq, spectrum, 0, freq)
+        planes.append(cv2.dft(freq, flags=cv2.DFT_INVERSE | cv2.DFT_SCALE | cv2.DFT_REAL_OUTPUT)[r : r + h, r : r + w])
+    return cv2.merge(planes)
+
+
 def blur(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """Correlate each channel with ``kernel`` (reflect-101 borders), as BasicSR's ``filter2D``.
 
-    The kernel is first trimmed of negligible tails and, where cheaper, applied as a sum of
-    separable terms; each changes the result by at most ``_KERNEL_TOL`` times the image range.
+    The kernel is first trimmed of negligible tails, then applied whichever way is cheapest for its
+    size, rank and the image size: a sum of separable terms (each within ``_KERNEL_TOL`` of the
+    kernel), the direct form, or DFTs. All agree with the direct correlation to float32 rounding.
     """
     kernel = trim_kernel(np.asarray(kernel, np.float32))
     size = kernel.shape[0]
     if size == 1:
         return img * kernel[0, 0]
-    direct = _direct_cost(size)
+    h, w = img.shape[:2]
     terms = _separable(kernel, _KERNEL_TOL) if size > 5 else None
-    if terms is not None and _separable_cost(size, len(terms)) < direct:
+    costs = {
+        "separable": _separable_cost(size, len(terms)) if terms is not None else math.inf,
+        "direct": _direct_cost(size),
+        "fft": _fft_cost(h, w, size) if size > 5 else math.inf,
+    }
+    way = min(costs, key=costs.get)
+    if way == "separable":
         out = None
         for col, row in terms:
             part = cv2.sepFilter2D(img, -1, row, col, borderType=_BORDER)
             out = part if out is None else np.add(out, part, out=out)
         return out
-    if size * size < _DFT_TAPS or size > _BANDED_MAX:
+    if way == "fft":
+        return _fft_blur(img, kernel)
+    if size * size < _DFT_TAPS:
         return cv2.filter2D(img, -1, kernel, borderType=_BORDER)
     return _banded_filter(img, kernel)
-
-
-# -------------------------------------------------------------------------------------------- USM
-
-
-@lru_cache(maxsize=4)
-def _usm_kernel(radius: int) -> np.ndarray:
-    """The 1-D taps of ``cv2.GaussianBlur(img, (radius, radius), 0)`` on float32 images."""
-    return cv2.getGaussianKernel(radius, 0, ktype=cv2.CV_32F)
-
-
-def usm_sharp(img: np.ndarray, weight: float = 0.5, radius: int = 50, threshold: float = 10) -> np.ndarray:
-    """BasicSR ``usm_sharp``: unsharp masking where the detail is strong, float32 HxWx3 in [0, 1] out.
-
-    ``sharp = img + weight * (img - blur)``, kept where ``|img - blur| * 255 > threshold`` through a
-    blurred mask. ``img`` is float32 in [0, 1] as BasicSR takes it, or uint8 (read as ``img / 255``).
-    The maths and the order of operations are BasicSR's; the blurs read uint8 straight into float32
-    (one conversion pass less) and the blend is written ``img + mask * (sharp - img)``: both change
-    the result only by float32 rounding.
-    """
-    if radius % 2 == 0:
-        radius += 1
-    taps = _usm_kernel(radius)
-    if img.dtype == np.uint8:
-        blurred = cv2.sepFilter2D(img, cv2.CV_32F, taps, taps / np.float32(255.0), borderType=_BORDER)
-        img = uint8_to_unit(img)
-    else:
-        blurred = cv2.sepFilter2D(img, -1, taps, taps, borderType=_BORDER)  # = GaussianBlur((r, r), 0)
-    residual = cv2.subtract(img, blurred)
-    detail = np.multiply(cv2.absdiff(img, blurred), np.float32(255.0))  # numpy: cv2's scalar path is 3x slower
-    strong = cv2.compare(detail, float(threshold), cv2.CMP_GT)
-    soft = cv2.sepFilter2D(strong, cv2.CV_32F, taps, taps / np.float32(255.0), borderType=_BORDER)  # 255 -> 1
-    sharp = cv2.scaleAdd(residual, float(weight), img)
-    np.clip(sharp, 0.0, 1.0, out=sharp)
-    return cv2.add(img, cv2.multiply(soft, cv2.subtract(sharp, img, dst=sharp), dst=sharp))
 
 
 # ----------------------------------------------------------------------------------------- resize
@@ -173,18 +182,31 @@ def resize(img: np.ndarray, height: int, width: int, interp: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ noise
 
 
-def standard_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """N(0, 1) float32 draws by the Box-Muller transform of 24-bit uniforms (|z| <= 5.77).
+def _words(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` raw 32-bit words, in the order ``rng.random(n, dtype=np.float32)`` consumes them."""
+    return rng.bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n]
 
-    Exact in distribution up to float32 rounding and the 24-bit tail cut, and ~2x faster here
-    than numpy's float32 ziggurat, which took a sixth of the degradation's time.
+
+def normal(rng: np.random.Generator, shape: tuple[int, ...], sigma: float = 1.0) -> np.ndarray:
+    """N(0, sigma**2) float32 draws by the Box-Muller transform of 24-bit uniforms (|z| <= 5.77 sigma).
+
+    Exact in distribution up to float32 rounding and the 24-bit tail cut, and several times faster
+    than numpy's float32 ziggurat. The uniforms are ``rng.random(dtype=np.float32)``'s, taken from
+    the raw words in bulk (numpy converts them one call at a time), and ``sigma`` scales the radii,
+    half as many values as the draws.
     """
     n = math.prod(shape)
     half = (n + 1) // 2
-    u = rng.random(2 * half, dtype=np.float32)
-    radius = np.subtract(np.float32(1.0), u[:half])  # (0, 1]: log stays finite
-    radius = np.sqrt(np.log(radius, out=radius) * np.float32(-2.0))
-    angle = np.multiply(u[half:], np.float32(2.0 * math.pi))
+    words = _words(rng, 2 * half)
+    words >>= np.uint32(8)  # k in [0, 2**24): the uniform is k / 2**24, as numpy's next_float
+    # 1 - u = (2**24 - k) / 2**24 in (0, 1], exactly: the log stays finite
+    radius = np.multiply(np.subtract(np.uint32(1 << 24), words[:half]), np.float32(2.0**-24), dtype=np.float32)
+    np.log(radius, out=radius)
+    radius *= np.float32(-2.0)
+    np.sqrt(radius, out=radius)
+    radius *= np.float32(sigma)
+    # 2 pi u, rounded once: float32(2 pi) / 2**24 is exact in float32
+    angle = np.multiply(words[half:], np.float32(np.float32(2.0 * math.pi) * np.float32(2.0**-24)), dtype=np.float32)
     out = np.empty(2 * half, np.float32)
     np.multiply(radius, np.cos(angle), out=out[:half])
     np.multiply(radius, np.sin(angle, out=angle), out=out[half:])
@@ -193,9 +215,8 @@ def standard_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndar
 
 def add_gaussian_noise(img: np.ndarray, sigma: float, gray: bool, rng: np.random.Generator) -> np.ndarray:
     """Add N(0, sigma/255) noise, one field shared by the channels when ``gray``; clip to [0, 1]."""
-    noise = standard_normal(rng, img.shape[:2] if gray else img.shape)
-    noise *= np.float32(sigma / 255.0)
-    out = np.add(img, noise[..., None] if gray else noise, dtype=np.float32)
+    noise = normal(rng, img.shape[:2] if gray else img.shape, sigma / 255.0)
+    out = np.add(img, noise[..., None]) if gray else np.add(img, noise, out=noise)
     return np.clip(out, 0.0, 1.0, out=out)
 
 
@@ -226,12 +247,11 @@ def poisson_levels(levels: np.ndarray, vals: int, rng: np.random.Generator) -> n
     """
     cdf, guide, width = _poisson_tables(int(vals))
     n = levels.size
-    raw = rng.bit_generator.random_raw((n + 1) // 2).view(np.uint32)[:n].reshape(levels.shape)
-    index = levels.astype(np.uint32)
-    index <<= np.uint32(_GUIDE_BITS)
+    raw = _words(rng, n).reshape(levels.shape)
+    index = np.left_shift(levels, np.uint32(_GUIDE_BITS), dtype=np.uint32)
     index |= raw >> np.uint32(32 - _GUIDE_BITS)
     draws = guide.take(index)
-    todo = np.flatnonzero(draws >= _AMBIGUOUS)
+    todo = np.flatnonzero(draws.view(np.int16) < 0)  # the _AMBIGUOUS bit is the sign bit
     draws &= np.uint16(_AMBIGUOUS - 1)
     flat = draws.reshape(-1)
     if todo.size:  # step past the CDF jumps inside those buckets
