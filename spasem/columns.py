@@ -24,6 +24,15 @@ def as_list(column: Any) -> list[Any]:
     return list(column)
 
 
+def take_rows(column: Any, rows: Sequence[int]) -> np.ndarray:
+    """``column[rows]``, a view instead of a copy when the rows are consecutive (a stage's micro-batch)."""
+    rows = list(rows)
+    arr = np.asarray(column)
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return arr[rows[0] : rows[0] + len(rows)]
+    return arr[rows]
+
+
 def stack_or_objects(items: Sequence[np.ndarray]) -> np.ndarray:
     """Stack equal-shaped arrays into one tensor column; fall back to an object column."""
     if items and all(isinstance(x, np.ndarray) and x.shape == items[0].shape for x in items):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from spasem.pixels import to_signed
-from spasem.preprocess import ImageTransform
+from spasem.preprocess import ImageBatch, ImageTransform
 
 TEXT_LENGTH = 77
 
@@ -123,8 +123,9 @@ class ImageEncoders:
     def device(self) -> torch.device:
         return self.clip.device
 
-    def pixels(self, name: str, images: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor:
-        """``pixel_values`` of encoder ``name`` (``clip`` | ``dino``) for uint8 ``[B,H,W,3]`` images of any sizes."""
+    def pixels(self, name: str, images: np.ndarray | torch.Tensor | Sequence[np.ndarray] | ImageBatch) -> torch.Tensor:
+        """``pixel_values`` of encoder ``name`` (``clip`` | ``dino``) for uint8 ``[B,H,W,3]`` images of any sizes
+        (an :class:`ImageBatch` only through the torch transforms)."""
         model = getattr(self, name)
         if self.use_processors or self.transforms[name] is None:
             proc = getattr(self, f"{name}_processor")
@@ -141,6 +142,10 @@ class ImageEncoders:
         """
         if isinstance(images, np.ndarray) and images.ndim == 3:
             images = images[None]
+        if not self.use_processors and all(self.transforms.values()):
+            # one copy to the device and one resize per size for both encoders (the tiny profile's CLIP and
+            # DINOv2 both resize to 32 px)
+            images = ImageBatch(images, self.device)
         out = {}
         for name, model in (("clip", self.clip), ("dino", self.dino)):
             result = model(pixel_values=self.pixels(name, images))
@@ -152,4 +157,5 @@ class ImageEncoders:
 def images_to_tensor(images: np.ndarray | Sequence[np.ndarray], device: str | torch.device = "cpu") -> torch.Tensor:
     """uint8 ``[B,H,W,3]`` -> float ``[B,3,H,W]`` in [-1, 1] on ``device`` (moved as uint8: 4x less over the bus)."""
     batch = images if isinstance(images, np.ndarray) and images.ndim == 4 else np.stack(_image_list(images))
-    return to_signed(torch.from_numpy(np.ascontiguousarray(batch, np.uint8)).to(device).permute(0, 3, 1, 2))
+    # a writable C-contiguous array is used as it is (torch warns on read-only memory, so that is copied)
+    return to_signed(torch.from_numpy(np.require(batch, np.uint8, ("C", "W"))).to(device).permute(0, 3, 1, 2))

@@ -17,7 +17,8 @@ HALF_RANGE = 127.5
 
 def to_signed(images: torch.Tensor) -> torch.Tensor:
     """uint8 (or 0..255 float) tensor ``[B,3,H,W]`` -> float32 in [-1, 1]."""
-    return images.float().div(HALF_RANGE).sub(1.0)
+    # in place on one fresh copy (never the caller's tensor): the same values as div().sub(), one float buffer
+    return images.to(torch.float32, copy=True).div_(HALF_RANGE).sub_(1.0)
 
 
 def to_signed_np(images: np.ndarray) -> np.ndarray:

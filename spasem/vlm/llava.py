@@ -33,6 +33,18 @@ def common_prefix_length(sequences: Sequence[torch.Tensor]) -> int:
     return n
 
 
+def left_pad(sequences: Sequence[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D token tensors -> ``input_ids`` and ``attention_mask`` ``[N, longest]``, padded on the left as the
+    processor pads for generation."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, seq in enumerate(sequences):
+        input_ids[row, width - len(seq) :] = seq
+        mask[row, width - len(seq) :] = 1
+    return input_ids, mask
+
+
 class TransformersLlava:
     """LLaVA through transformers; ``compile`` uses a static KV cache so generate compiles the decoding step."""
 
@@ -54,17 +66,30 @@ class TransformersLlava:
         except ValueError:  # an image processor the torch transforms do not reproduce runs itself
             self.transform = None
         self.use_processors = False
+        self._texts: dict[str, str] = {}
+        self._ids: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
 
     def prompt_text(self, prompt: str) -> str:
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        """The prompt through the checkpoint's chat template (rendered once per prompt: Jinja is slow)."""
+        if prompt not in self._texts:
+            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            self._texts[prompt] = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        return self._texts[prompt]
+
+    def prompt_ids(self, text: str, image: np.ndarray) -> torch.Tensor:
+        """Token ids of a rendered prompt with its image tokens expanded, once per (prompt, image size): the
+        count of image tokens depends on the image's size after the processor, never on its pixels."""
+        key = (text, tuple(np.shape(image)))
+        if key not in self._ids:
+            self._ids[key] = self.processor(images=[image], text=[text], return_tensors="pt")["input_ids"][0]
+        return self._ids[key]
 
     def caption(self, images: list[np.ndarray], prompts: Sequence[str]) -> list[list[str]]:
         """Greedy captions: for each prompt, one per image."""
         images = list(images)
         texts = [self.prompt_text(p) for p in prompts]
         if self.share_prefix and len(prompts) > 1:
-            ids = [self.processor(images=images[:1], text=[t], return_tensors="pt")["input_ids"][0] for t in texts]
+            ids = [self.prompt_ids(t, images[0]) for t in texts]
             prefix = common_prefix_length(ids)
             if prefix and all(self.image_token not in s[prefix:] for s in ids):
                 return self._split(self._shared(images, ids, prefix), len(images), len(prompts))
@@ -84,11 +109,18 @@ class TransformersLlava:
     @torch.no_grad()
     def _joint(self, images: list[np.ndarray], texts: list[str]) -> list[str]:
         """Every (prompt, image) pair as its own left-padded row."""
-        rows = [t for t in texts for _ in images]
-        inputs = self.processor(images=images * len(texts), text=rows, padding=True, return_tensors="pt")
-        inputs = inputs.to(self.model.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        return self._generate(**inputs)
+        if self.use_processors or self.transform is None or len({np.shape(im) for im in images}) > 1:
+            rows = [t for t in texts for _ in images]
+            inputs = self.processor(images=images * len(texts), text=rows, padding=True, return_tensors="pt")
+            inputs = inputs.to(self.model.device)
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            return self._generate(**inputs)
+        # the processor's rows, built from the cached ids and the torch transform (each image transformed once)
+        ids = [self.prompt_ids(t, images[0]) for t in texts for _ in images]
+        input_ids, mask = left_pad(ids, self.pad)
+        pixels = self.transform(images, self.model.device, self.model.dtype)["pixel_values"]
+        return self._generate(input_ids=input_ids.to(self.model.device), attention_mask=mask.to(self.model.device),
+                              pixel_values=pixels.repeat(len(texts), 1, 1, 1))
 
     @torch.no_grad()
     def _shared(self, images: list[np.ndarray], ids: list[torch.Tensor], prefix: int) -> list[str]:
