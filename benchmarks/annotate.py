@@ -9,7 +9,12 @@ Every step is timed in wall time and in process CPU time, and the CPU time spent
 what decoding, preprocessing and shard writing cost around the models. Warm-up first, then the median
 of ``--repeats``. The preprocessing runs twice: with transformers' image processors (``processors``,
 the path before the torch transforms) and with the torch transforms of :mod:`spasem.preprocess`
-(``torch``); ``--only-mode`` picks one.
+(``torch``); ``--only-mode`` picks one. ``--breakdown`` also splits the CPU time outside the models by
+part (PNG decoding, tar reading, torch transforms or processors, tokenizing, the VAE input's float
+conversion, box selection, member encoding, tar building, marker and sha256, store writes; the rest of
+each step is its Python), each part counted exclusive of the wrapped calls it makes.
+The captions row counts every prompt a sample is asked (three by default: the two XPSR captions and
+the objects list), with any backend.
 
 ``--ray`` also runs the phase through Ray Data actor pools (``pipeline.prepare`` with
 ``prepare.phases=[annotate]``) and prints its samples/s. On a GPU node: ``--set models.device=cuda
@@ -27,7 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,29 +46,39 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MODEL_METHODS = ("forward", "generate", "encode")
 
 
-class ModelClock:
-    """Process CPU seconds spent inside the wrapped model methods (nested calls counted once)."""
+class CpuClock:
+    """Process CPU seconds per part: model calls and the named steps around them, each exclusive of the
+    wrapped calls it makes (a processor's tokenizer call counts as tokenizing, a nested forward once)."""
 
     def __init__(self):
-        self.seconds = 0.0
-        self._depth = 0
+        self.parts: Counter = Counter()
+        self._open: list[list[float]] = []  # per open wrapped call: CPU seconds of the wrapped calls inside it
 
-    def wrap(self, obj, name: str) -> None:
-        method = getattr(obj, name)
+    @property
+    def seconds(self) -> float:
+        """CPU seconds inside model calls."""
+        return self.parts["model"]
 
-        @functools.wraps(method)  # generate validates its kwargs against forward's signature
+    def timed(self, fn, part: str):
+        @functools.wraps(fn)  # generate validates its kwargs against forward's signature
         def timed(*args, **kwargs):
-            if self._depth:
-                return method(*args, **kwargs)
-            self._depth += 1
             start = time.process_time()
+            self._open.append([0.0])
             try:
-                return method(*args, **kwargs)
+                return fn(*args, **kwargs)
             finally:
-                self.seconds += time.process_time() - start
-                self._depth -= 1
+                elapsed = time.process_time() - start
+                self.parts[part] += elapsed - self._open.pop()[0]
+                if self._open:
+                    self._open[-1][0] += elapsed
 
-        setattr(obj, name, timed)
+        timed.__wrapped_by_clock__ = True
+        return timed
+
+    def wrap(self, owner, name: str, part: str) -> None:
+        fn = getattr(owner, name, None)
+        if callable(fn) and not getattr(fn, "__wrapped_by_clock__", False):
+            setattr(owner, name, self.timed(fn, part))
 
     def watch(self, stage) -> None:
         """Wrap the model methods of every torch module a stage holds (two attribute levels deep)."""
@@ -74,8 +89,59 @@ class ModelClock:
                 if (isinstance(value, torch.nn.Module) or engine) and id(value) not in seen:
                     seen.add(id(value))
                     for name in MODEL_METHODS:
-                        if callable(getattr(value, name, None)):
-                            self.wrap(value, name)
+                        self.wrap(value, name, "model")
+
+    def watch_parts(self, stages) -> None:
+        """Wrap what the phase does around the models, by part (``--breakdown``)."""
+        import importlib
+
+        for module, name, part in PARTS:
+            owner = importlib.import_module(module)
+            for attr in name.split(".")[:-1]:
+                owner = getattr(owner, attr)
+            fn = getattr(owner, name.split(".")[-1])
+            # also where a module imported the function by name
+            for mod in [owner, *list(sys.modules.values())]:
+                for key, value in list(getattr(mod, "__dict__", {}).items()):
+                    if value is fn and (mod is owner or key == fn.__name__):
+                        self.wrap(mod, key, part)
+        for stage in stages:  # the transformers processors and tokenizers the stages hold
+            for obj in _holders(stage):
+                for attr in ("processor", "image_processor", "clip_processor", "dino_processor", "tokenizer"):
+                    proc = getattr(obj, attr, None)
+                    if proc is None:
+                        continue
+                    kind = "tokenize" if attr == "tokenizer" else f"processor ({type(proc).__name__})"
+                    self.wrap(type(proc), "__call__", kind)
+                    self.wrap(type(proc), "apply_chat_template", "chat template")
+                    for sub in ("tokenizer", "image_processor"):
+                        inner = getattr(proc, sub, None)
+                        if inner is not None:
+                            self.wrap(type(inner), "__call__", "tokenize" if sub == "tokenizer" else kind)
+                    for method in ("batch_decode", "decode"):
+                        self.wrap(type(getattr(proc, "tokenizer", proc)), method, "detokenize")
+
+
+def _holders(stage) -> list:
+    return [stage, *(v for v in vars(stage).values() if hasattr(v, "__dict__"))]
+
+
+# (module, function or Class.method, part) the --breakdown table times apart; the rest of a step is
+# its Python: loops over rows, column building, small tensor ops
+PARTS = (
+    ("spasem.shards", "read_tar", "tar read"),
+    ("spasem.shards", "decode_member", "member decode (png, json)"),
+    ("spasem.preprocess", "ImageTransform.__call__", "torch transforms"),
+    ("spasem.encoders", "images_to_tensor", "uint8 -> [-1, 1] float"),
+    ("stages.embeddings", "_fp16", "device -> fp16 numpy"),
+    ("spasem.vlm.phrases", "parse_objects", "objects parsing"),
+    ("stages.grounding", "select_boxes", "box selection, NMS"),
+    ("spasem.shards", "encode_json", "member encode: json"),
+    ("spasem.shards", "encode_npy", "member encode: npy"),
+    ("spasem.shards", "build_tar", "tar build"),
+    ("spasem.shards", "ShardWriter.close", "marker, sha256"),
+    ("spasem.storage", "LocalStore.write", "store write"),
+)
 
 
 def set_processors(stage, on: bool) -> None:
@@ -86,10 +152,13 @@ def set_processors(stage, on: bool) -> None:
 
 
 @contextmanager
-def step(times: dict[str, list[tuple[float, float, float]]], name: str, clock: ModelClock):
-    wall, cpu, model = time.perf_counter(), time.process_time(), clock.seconds
+def step(times: dict[str, list[tuple]], name: str, clock: CpuClock):
+    """Append (wall s, CPU s, model CPU s, CPU s per part) of the block to ``times[name]``."""
+    wall, cpu, parts = time.perf_counter(), time.process_time(), Counter(clock.parts)
     yield
-    times[name].append((time.perf_counter() - wall, time.process_time() - cpu, clock.seconds - model))
+    delta = Counter(clock.parts)
+    delta.subtract(parts)
+    times[name].append((time.perf_counter() - wall, time.process_time() - cpu, delta["model"], delta))
 
 
 def make_pairs(cfg) -> int:
@@ -111,7 +180,7 @@ def make_pairs(cfg) -> int:
     return ShardBuilder(cfg).build(0, [f for f in list_inputs(cfg)[0] if big_enough(f)])["count"]
 
 
-def run_once(cfg, names, stages, ids, times, clock: ModelClock, repeat: int) -> None:
+def run_once(cfg, names, stages, ids, times, clock: CpuClock, repeat: int) -> None:
     """One pass of the phase over shard 0, as an actor and the writer task run it, timed per step."""
     from pipeline.annotate_phase import PIXELS, load_pairs, write_final_shard
     from spasem.shards import FINAL_DIR, PAIRS_DIR, load_marker
@@ -134,6 +203,41 @@ def summarize(times, n: int) -> dict[str, tuple[float, float, float]]:
             for name, samples in times.items()}
     rows["whole phase"] = tuple(sum(r[k] for r in rows.values()) for k in range(3))
     return rows
+
+
+def breakdown(times, n: int) -> dict[str, dict[str, float]]:
+    """Per step: median CPU ms per sample of each part outside the models; the rest is the step's Python."""
+    out = {}
+    for name, samples in times.items():
+        parts = {p for t in samples for p in t[3] if p != "model"}
+        ms = {p: statistics.median(t[3][p] for t in samples) * 1000 / n for p in sorted(parts)}
+        other = statistics.median(t[1] - t[2] for t in samples) * 1000 / n
+        out[name] = {**{p: v for p, v in ms.items() if v >= 0.005}, "rest (Python, small ops)": other - sum(ms.values())}
+    return out
+
+
+def print_breakdown(title: str, parts: dict[str, dict[str, float]]) -> None:
+    print(f"{title}: CPU ms per sample outside model calls, by part")
+    total: Counter = Counter()
+    for name, figures in parts.items():
+        print(f"  {name}")
+        for part, ms in figures.items():
+            print(f"    {part:34s} {ms:7.2f}")
+            total[part] += ms
+    print("  whole phase")
+    for part, ms in total.most_common():
+        print(f"    {part:34s} {ms:7.2f}")
+
+
+def print_prompts(cfg, wall_ms: float) -> None:
+    """What the captions row counts: every prompt a sample is asked (three by default), whatever the backend."""
+    from stages.captions import caption_asks
+
+    asks = caption_asks(cfg.annotate.captions, has_hr=True)
+    count = sum(len(pairs) for pairs in asks.values())
+    which = "; ".join(f"{column}: {', '.join(name for name, _ in pairs)}" for column, pairs in asks.items())
+    print(f"  captions ({cfg.annotate.captions.backend}): {count} prompts per sample ({which}) = "
+          f"{count * 1000 / wall_ms:.1f} answers/s, {1000 / wall_ms:.1f} samples/s")
 
 
 def print_table(title: str, rows) -> None:
@@ -215,6 +319,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only-mode", choices=("processors", "torch"), default=None)
     parser.add_argument("--ray", action="store_true", help="also run the phase through Ray Data actor pools")
     parser.add_argument("--cache", default=".cache/models", help="tiny model cache")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the parts outside the models (decode, transforms, tokenizing, members, tar)")
     args = parser.parse_args(argv)
 
     from pipeline.annotate_phase import STAGES, check_stages, prepare_stages, stage_ids, stage_kwargs
@@ -237,9 +343,11 @@ def main(argv=None) -> int:
         paths = resolve_models(cfg.models)
         ids = stage_ids(cfg, names)
         stages = {name: STAGES[name](**stage_kwargs(cfg, name, paths)) for name in names}
-        clock = ModelClock()
+        clock = CpuClock()
         for stage in stages.values():
             clock.watch(stage)
+        if args.breakdown:
+            clock.watch_parts(stages.values())
         device = cfg.models.device
         print(f"annotate phase, one shard of {n} samples ({cfg.data.hr_size} px HR, {cfg.data.lr_size} px LR), "
               f"profile {cfg.models.profile}, {device}, {args.threads} torch thread(s), machine: {os.cpu_count()} "
@@ -255,6 +363,10 @@ def main(argv=None) -> int:
                 run_once(cfg, names, stages, ids, times, clock, r)
             results[mode] = summarize(times, n)
             print_table(f"preprocessing: {mode}", results[mode])
+            if "captions" in results[mode]:
+                print_prompts(cfg, results[mode]["captions"][0])
+            if args.breakdown:
+                print_breakdown(f"preprocessing: {mode}", breakdown(times, n))
         if len(results) == 2:
             before, after = (results[m]["whole phase"] for m in ("processors", "torch"))
             print(f"CPU ms per sample outside model calls, whole phase: processors {before[1] - before[2]:.2f}, "

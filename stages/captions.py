@@ -50,6 +50,29 @@ def make_backend(name: str, path: str, device: str, dtype: torch.dtype, max_new_
     raise ValueError(f"annotate.captions.backend={name!r} is not known; use 'transformers', 'llava_torch' or 'vllm'")
 
 
+def caption_asks(section: CaptionsConfig, has_hr: bool) -> dict[str, list[tuple[str, str]]]:
+    """Image column (``hr`` | ``lr``) -> the (output column, prompt) pairs asked about it, in asking order.
+
+    ``high_on`` / ``low_on`` pick the image of the two XPSR prompts (``hr`` falls back to ``lr`` without
+    an HR, as in upscale); the objects prompt asks the LR, the image grounding runs on. Every backend
+    asks exactly these.
+    """
+    asks = [("caption_high", section.high_on, section.high_prompt), ("caption_low", section.low_on, section.low_prompt)]
+    if section.max_objects > 0:
+        asks.append(("objects", "lr", section.objects_prompt))
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for name, on, prompt in asks:
+        groups.setdefault("hr" if on == "hr" and has_hr else "lr", []).append((name, prompt))
+    return groups
+
+
+def caption_row(answers: dict[str, str], max_objects: int) -> dict[str, Any]:
+    """One row's columns from its answers by output name: the captions as they are, the objects answer
+    parsed into at most ``max_objects`` phrases (what the grounding stage queries)."""
+    return {"caption_high": answers["caption_high"], "caption_low": answers["caption_low"],
+            "objects": parse_objects(answers.get("objects", ""), max_objects)}
+
+
 class Captioner(AnnotationStage):
     """Adds ``caption_high``, ``caption_low`` (str) and ``objects`` (list of str) to each row."""
 
@@ -64,27 +87,15 @@ class Captioner(AnnotationStage):
             section.compile,
         )
 
-    def _asks(self, batch: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
-        """Image column -> the (output, prompt) pairs asked about it; ``hr`` falls back to ``lr`` without one."""
-        cfg = self.cfg
-        asks = [("caption_high", cfg.high_on, cfg.high_prompt), ("caption_low", cfg.low_on, cfg.low_prompt)]
-        if cfg.max_objects > 0:
-            asks.append(("objects", "lr", cfg.objects_prompt))
-        groups: dict[str, list[tuple[str, str]]] = {}
-        for name, on, prompt in asks:
-            groups.setdefault("hr" if on == "hr" and "hr" in batch else "lr", []).append((name, prompt))
-        return groups
-
     def process(self, batch: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
-        answers: dict[str, list[str]] = {"objects": [""] * len(rows)}
-        for column, asks in self._asks(batch).items():
+        answers: list[dict[str, str]] = [{} for _ in rows]
+        for column, asks in caption_asks(self.cfg, "hr" in batch).items():
             images = [np.asarray(batch[column][i], np.uint8) for i in rows]
             replies = self.backend.caption(images, [prompt for _, prompt in asks])
-            answers.update({name: reply for (name, _), reply in zip(asks, replies, strict=True)})
-        return [
-            {"caption_high": h, "caption_low": lo, "objects": parse_objects(o, self.cfg.max_objects)}
-            for h, lo, o in zip(answers["caption_high"], answers["caption_low"], answers["objects"], strict=True)
-        ]
+            for (name, _), reply in zip(asks, replies, strict=True):
+                for row, text in zip(answers, reply, strict=True):
+                    row[name] = text
+        return [caption_row(row, self.cfg.max_objects) for row in answers]
 
     def placeholder(self, batch: dict[str, Any], row: int) -> dict[str, Any]:
         return {"caption_high": "", "caption_low": "", "objects": []}

@@ -8,30 +8,39 @@ template and the image; ray.data.llm's chat-template, tokenize and detokenize st
 because vLLM tokenizes the prompt itself and returns text. Requests are greedy and prefix-cached,
 with the same prompts and cleaning as the other backends (:mod:`spasem.vlm.vllm_backend`).
 
-:func:`prompt_rows` expands image rows into request rows and :func:`collect_answers` folds the
-answers back per key, so only keys and text move after the engine, never pixels.
+:func:`prompt_rows` expands image rows into request rows, the three prompts of the other backends
+each with its image (:func:`stages.captions.caption_asks`), and :func:`caption_columns` folds the
+answers back per key into the captions stage's columns (the objects answer parsed into the phrases
+grounding queries), so only keys and text move after the engine, never pixels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from spasem.columns import object_array
 from spasem.config.annotate import CaptionsConfig, ModelsConfig
-from spasem.vlm.vllm_backend import RUNTIME_ENV, clean, engine_kwargs, sampling_params
+from spasem.vlm.vllm_backend import RUNTIME_ENV, chat_prompt, clean, engine_kwargs, sampling_params
+from stages.captions import caption_asks, caption_row
 
 
-def prompt_rows(keys: Sequence[str], images: Sequence[np.ndarray], asks: Sequence[tuple[str, str]]
+def prompt_rows(batch: dict[str, Any], section: CaptionsConfig, render: Callable[[str], str] = chat_prompt
                 ) -> list[dict[str, Any]]:
-    """One request row per (image, ask): ``key``, ``answer`` (the output column), ``prompt`` (rendered), ``image``.
+    """One request row per (row, prompt) of a batch with ``key``, ``lr`` and maybe ``hr``: ``key``, ``answer``
+    (the output column), ``prompt`` (through ``render``: the checkpoint's chat template) and ``image``.
 
-    ``asks``: (output column, prompt text already through the chat template) pairs, e.g.
-    ``[("caption_high", ...), ("caption_low", ...)]``.
+    The prompts and their images are :func:`stages.captions.caption_asks`' (the two XPSR prompts on the
+    images ``high_on`` / ``low_on`` pick, the objects prompt on the LR), as the other backends ask them.
+    A row's requests are adjacent, those about one image next to each other, so a batch of the engine
+    holds an image's prompts together and its prefix cache serves them.
     """
-    return [{"key": str(key), "answer": name, "prompt": text, "image": np.asarray(image, np.uint8)}
-            for key, image in zip(keys, images, strict=True) for name, text in asks]
+    asks = caption_asks(section, "hr" in batch)
+    rendered = {prompt: render(prompt) for pairs in asks.values() for _, prompt in pairs}
+    return [{"key": str(key), "answer": name, "prompt": rendered[prompt], "image": np.asarray(batch[column][i], np.uint8)}
+            for i, key in enumerate(batch["key"]) for column, pairs in asks.items() for name, prompt in pairs]
 
 
 def collect_answers(rows: Sequence[dict[str, Any]], names: Sequence[str], keys: Sequence[str] = ()
@@ -48,6 +57,16 @@ def collect_answers(rows: Sequence[dict[str, Any]], names: Sequence[str], keys: 
         if missing:
             raise RuntimeError(f"vLLM captions: key {key!r} has no answer for {missing}")
     return out
+
+
+def caption_columns(rows: Sequence[dict[str, Any]], section: CaptionsConfig, keys: Sequence[str]
+                    ) -> dict[str, np.ndarray]:
+    """Answer rows -> the captions stage's columns for ``keys``, in order: ``caption_high``, ``caption_low``
+    (the ``caption.json`` member) and ``objects`` (the phrases the grounding stage queries)."""
+    names = [name for pairs in caption_asks(section, True).values() for name, _ in pairs]
+    answers = collect_answers(rows, names, keys)
+    out = [caption_row(answers[str(key)], section.max_objects) for key in keys]
+    return {name: object_array([row[name] for row in out]) for name in ("caption_high", "caption_low", "objects")}
 
 
 def _preprocess(max_new_tokens: int):
@@ -82,7 +101,8 @@ def processor_config(section: CaptionsConfig, models: ModelsConfig, path: str) -
 
 
 def build_caption_processor(section: CaptionsConfig, models: ModelsConfig, path: str):
-    """The ``ray.data.llm`` processor: request rows (:func:`prompt_rows`) in, ``key``/``answer``/``text`` out."""
+    """The ``ray.data.llm`` processor: request rows (:func:`prompt_rows`) in, ``key``/``answer``/``text`` out
+    (:func:`caption_columns` turns them into the captions stage's columns)."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     config = vLLMEngineProcessorConfig(**processor_config(section, models, path))

@@ -24,10 +24,9 @@ from spasem.vlm.vllm_backend import (
     parse_outputs,
     sampling_params,
 )
-from stages.captions_vllm import collect_answers, processor_config, prompt_rows
+from stages.captions_vllm import caption_columns, collect_answers, processor_config, prompt_rows
 
-PROMPTS = [p for p in (annotate_cfg.HIGH_PROMPT, annotate_cfg.LOW_PROMPT, getattr(annotate_cfg, "OBJECTS_PROMPT", None))
-           if p]
+PROMPTS = [annotate_cfg.HIGH_PROMPT, annotate_cfg.LOW_PROMPT, annotate_cfg.OBJECTS_PROMPT]
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +50,16 @@ class FakeVllm(types.ModuleType):
 
             def generate(self, requests, params, use_tqdm=True):
                 fake.calls.append((requests, params))
-                return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"  {r['prompt'][-30:]}\n ")])
+                return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=fake.answer(r["prompt"]))])
                         for r in requests]
 
         self.LLM, self.SamplingParams = LLM, lambda **kw: dict(kw)
+
+    @staticmethod
+    def answer(prompt: str) -> str:
+        if annotate_cfg.OBJECTS_PROMPT in prompt:  # a list as LLaVA writes one
+            return "1. A red car\n2. Two dogs in the park\n"
+        return f"  {prompt[-30:]}\n "
 
 
 @pytest.fixture
@@ -72,7 +77,7 @@ def test_prompts_are_the_transformers_backends_llava15_prompts(llava):
 
     processor = AutoProcessor.from_pretrained(llava)
     reference = TransformersLlava.__new__(TransformersLlava)
-    reference.processor = processor
+    reference.processor, reference._texts = processor, {}
     for prompt in PROMPTS:
         assert chat_prompt(prompt, processor) == reference.prompt_text(prompt)
         # and LLaVA-1.5's conversation format, used for a checkpoint without a template
@@ -120,13 +125,21 @@ def test_captions_stage_on_vllm_writes_the_same_members_and_model_id(llava, fake
     stage = Captioner(cfg.annotate.captions, cfg.models, {"llava": llava})
     engine = fake_vllm.engines[0]
     assert engine["model"] == llava and engine["enable_prefix_caching"] and engine["dtype"] == "bfloat16"
-    batch = {"key": np.asarray(["a", "b"], object), "lr": np.zeros((2, 16, 16, 3), np.uint8)}
+    section = cfg.annotate.captions
+    batch = {"key": np.asarray(["a", "b"], object), "lr": np.zeros((2, 16, 16, 3), np.uint8),
+             "hr": np.zeros((2, 64, 64, 3), np.uint8)}
     out = stage(batch)
     assert list(out["status"]) == ["ok", "ok"]
     requests, params = fake_vllm.calls[0]
     assert params["temperature"] == 0.0 and params["max_tokens"] == 24
-    assert {r["prompt"] for r in requests} >= {chat_prompt(cfg.annotate.captions.high_prompt),
-                                               chat_prompt(cfg.annotate.captions.low_prompt)}
+    # the three prompts of the transformers backend, each about its image: high on the HR (high_on: hr),
+    # quality and objects on the LR, the LR's two in one call so the engine shares its prefix
+    asked = {(r["prompt"], np.asarray(r["multi_modal_data"]["image"]).shape[0])
+             for requests, _ in fake_vllm.calls for r in requests}
+    assert asked == {(chat_prompt(section.high_prompt), 64), (chat_prompt(section.low_prompt), 16),
+                     (chat_prompt(section.objects_prompt), 16)}
+    assert len(fake_vllm.calls) == 2 and sum(len(r) for r, _ in fake_vllm.calls) == 3 * 2
+    assert [list(o) for o in out["objects"]] == [["red car", "dogs"]] * 2  # the column grounding reads
     # the fake answers with the prompt's tail, cleaned as the transformers backend cleans
     assert out["caption_high"][0] == chat_prompt(cfg.annotate.captions.high_prompt)[-30:].strip()
     assert out["caption_low"][1] == " ".join(chat_prompt(cfg.annotate.captions.low_prompt)[-30:].split())
@@ -137,17 +150,60 @@ def test_captions_stage_on_vllm_writes_the_same_members_and_model_id(llava, fake
     assert caption == {"high": out["caption_high"][0], "low": out["caption_low"][0], "model": ids["captions"]}
 
 
-def test_ray_data_llm_rows_and_config():
-    """Request rows for ray.data.llm, the answers folded back per key, vLLM in its own runtime_env."""
+@pytest.mark.parametrize("high_on, with_hr", [("hr", True), ("lr", True), ("hr", False)])
+def test_ray_data_llm_asks_the_three_prompts_each_about_its_image(high_on, with_hr):
+    """Request rows for ray.data.llm: the prompts and images of the other backends, a row's requests together."""
+    section = load_config(None, [f"annotate.captions.high_on={high_on}"]).annotate.captions
+    batch = {"key": np.asarray(["k1", "k2"], object), "lr": np.zeros((2, 4, 4, 3), np.uint8)}
+    if with_hr:
+        batch["hr"] = np.zeros((2, 16, 16, 3), np.uint8)
+    rows = prompt_rows(batch, section, render=lambda p: f"<{p}>")
+    high_px = 16 if high_on == "hr" and with_hr else 4
+    expected = [("caption_high", section.high_prompt, high_px), ("caption_low", section.low_prompt, 4),
+                ("objects", section.objects_prompt, 4)]
+    expected = sorted(expected, key=lambda e: e[2] != high_px)  # an image's prompts next to each other
+    assert [(r["key"], r["answer"], r["prompt"], r["image"].shape[0]) for r in rows] == [
+        (key, name, f"<{prompt}>", px) for key in ("k1", "k2") for name, prompt, px in expected]
+    assert all(r["image"].dtype == np.uint8 for r in rows)
+    no_objects = section.model_copy(update={"max_objects": 0})
+    assert {r["answer"] for r in prompt_rows(batch, no_objects)} == {"caption_high", "caption_low"}
+
+
+def test_ray_data_llm_answers_become_the_captions_columns_grounding_reads():
+    """Answers in any order, cleaned and folded per key; the objects answer parsed as the other backends parse it."""
+    from pipeline.annotate_phase import stage_ids
+    from spasem.shards import decode_member, encode_annotations
+
+    cfg = load_config(None, ["annotate.captions.backend=vllm"])
+    section = cfg.annotate.captions
+    batch = {"key": np.asarray(["k1", "k2"], object), "lr": np.zeros((2, 4, 4, 3), np.uint8),
+             "hr": np.zeros((2, 16, 16, 3), np.uint8)}
+    rows = prompt_rows(batch, section)
+    answers = [{"key": r["key"], "answer": r["answer"],
+                "text": FakeVllm.answer(r["prompt"]) + ("" if r["answer"] == "objects" else f" {r['key']} ")}
+               for r in reversed(rows)]
+    columns = caption_columns(answers, section, ["k2", "k1"])
+    high = " ".join(chat_prompt(section.high_prompt)[-30:].split())
+    assert list(columns["caption_high"]) == [f"{high} k2", f"{high} k1"]
+    assert [list(o) for o in columns["objects"]] == [["red car", "dogs"]] * 2
+    row = {name: values[1] for name, values in columns.items()}
+    ids = stage_ids(cfg, ["captions"])
+    assert decode_member("json", encode_annotations(row, ids)["caption.json"]) == {
+        "high": f"{high} k1", "low": row["caption_low"], "model": ids["captions"]}
+    with pytest.raises(RuntimeError, match="'k1' has no answer for \\['objects'\\]"):
+        caption_columns([a for a in answers if (a["key"], a["answer"]) != ("k1", "objects")], section, ["k1", "k2"])
+
+
+def test_ray_data_llm_config_and_lost_requests():
+    """vLLM in its own runtime_env; a key missing an answer is an error naming it."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    rows = prompt_rows(["k1", "k2"], [np.zeros((4, 4, 3), np.uint8)] * 2, [("caption_high", "H"), ("caption_low", "L")])
-    assert [(r["key"], r["answer"], r["prompt"]) for r in rows] == [
-        ("k1", "caption_high", "H"), ("k1", "caption_low", "L"), ("k2", "caption_high", "H"), ("k2", "caption_low", "L")]
-    answers = [{"key": r["key"], "answer": r["answer"], "text": f" {r['prompt']}  {r['key']} "} for r in reversed(rows)]
+    answers = [{"key": k, "answer": a, "text": f" {a}  {k} "} for k in ("k1", "k2")
+               for a in ("caption_high", "caption_low")]
     assert collect_answers(answers, ["caption_high", "caption_low"]) == {
-        "k1": {"caption_high": "H k1", "caption_low": "L k1"}, "k2": {"caption_high": "H k2", "caption_low": "L k2"}}
-    with pytest.raises(RuntimeError, match="'k2' has no answer for \\['caption_low'\\]"):
+        "k1": {"caption_high": "caption_high k1", "caption_low": "caption_low k1"},
+        "k2": {"caption_high": "caption_high k2", "caption_low": "caption_low k2"}}
+    with pytest.raises(RuntimeError, match="'k1' has no answer for \\['caption_high'\\]"):
         collect_answers(answers[1:], ["caption_high", "caption_low"])
     with pytest.raises(RuntimeError, match="'k3' has no answer"):
         collect_answers(answers, ["caption_high", "caption_low"], keys=["k1", "k2", "k3"])
