@@ -2,9 +2,11 @@
 
 One process, one thread (``cv2.setNumThreads(1)``, single-threaded BLAS), parameters and noise
 seeded per sample exactly as the Degrade stage does, the USM sharpening of the HR target included
-(``--no-usm`` leaves it out). Prints mean / p50 / p95 wall ms per sample and samples/s/core per
-preset, from wall time and from process CPU time, and the USM alone (goal: >= 60 samples/s/core
-for xpsr with USM). ``--profile`` adds the functions that take the most time.
+(``--no-usm`` leaves it out). Per preset: mean / p50 / p95 wall ms per sample, and the process CPU
+time per sample with the samples/s/core it gives (CPU time: other jobs on the cores barely move it);
+then the USM alone and the chain alone (no USM), and the CPU ms per sample of each step of the
+chain. Goal: >= 60 samples/s/core for xpsr with USM. ``--profile`` adds the functions that take
+the most time.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import cProfile  # noqa: E402
 import pstats  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from collections import defaultdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import cv2  # noqa: E402
@@ -27,6 +30,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import spasem.degrade.chain as chain  # noqa: E402
 from spasem.degrade.chain import sample_seed, sharpen, synthesize  # noqa: E402
 from spasem.degrade.params import PRESETS, UsmParams  # noqa: E402
 
@@ -80,6 +84,48 @@ def run_usm(crops: list[np.ndarray]) -> float:
     return (time.process_time() - cpu_start) / len(crops)
 
 
+# the steps of spasem.degrade.chain, by the names it calls them
+STEPS = {"sample_params": "parameters", "usm_sharp": "usm (2 blurs 51 taps + mask/blend)",
+         "resize": "resizes (3)", "add_gaussian_noise": "gaussian noise", "add_poisson_noise": "poisson noise",
+         "jpeg": "jpeg (2 round trips)", "uint8_to_unit": "uint8 -> float", "unit_to_uint8": "float -> uint8"}
+BLURS = ("blur order 1", "blur order 2", "final sinc")
+
+
+def run_steps(preset: str, crops: list[np.ndarray], scale: int, usm: bool | None) -> dict[str, float]:
+    """Process CPU seconds per sample of each step, timed by wrapping the chain's own functions."""
+    spent: dict[str, float] = defaultdict(float)
+    blur_calls = [0]
+
+    def timed(label, fn):
+        def wrapper(*args, **kwargs):
+            start = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label] += time.process_time() - start
+        return wrapper
+
+    def blur_step(img, params):  # chain._blur runs blur1, blur2 and the final sinc, in this order
+        label = BLURS[blur_calls[0] % 3]
+        blur_calls[0] += 1
+        return timed(label, original["_blur"])(img, params)
+
+    original = {name: getattr(chain, name) for name in (*STEPS, "_blur")}
+    for name, label in STEPS.items():
+        setattr(chain, name, timed(label, original[name]))
+    chain._blur = blur_step
+    try:
+        start = time.process_time()
+        for i, hr in enumerate(crops):
+            synthesize(hr, preset, sample_seed(0, f"bench_{i:05d}"), scale, usm)
+        total = time.process_time() - start
+    finally:
+        for name, fn in original.items():
+            setattr(chain, name, fn)
+    spent["other (colour order, copies, calls)"] = total - sum(spent.values())
+    return {label: seconds / len(crops) for label, seconds in spent.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=400, help="degradations per preset")
@@ -107,6 +153,17 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_usm:
         usm_cpu = run_usm(crops[:100])
         print(f"{'usm alone':<12}{'':>9}{'':>9}{'':>9}{'':>16}{usm_cpu * 1e3:>9.2f}{1.0 / usm_cpu:>22.1f}")
+        _, chain_cpu = run("xpsr", crops, args.scale, False, warmup=0)
+        chain_cpu /= len(crops)
+        print(f"{'chain alone':<12}{'':>9}{'':>9}{'':>9}{'':>16}{chain_cpu * 1e3:>9.2f}{1.0 / chain_cpu:>22.1f}"
+              "   (xpsr without USM)")
+    print("CPU ms per sample by step:")
+    steps = {preset: run_steps(preset, crops, args.scale, usm) for preset in args.presets}
+    labels = sorted({label for per in steps.values() for label in per}, key=lambda k: -steps[args.presets[0]].get(k, 0))
+    print(f"{'step':<40}" + "".join(f"{p:>12}" for p in args.presets))
+    for label in labels:
+        print(f"{label:<40}" + "".join(f"{steps[p].get(label, 0.0) * 1e3:>12.2f}" for p in args.presets))
+    print(f"{'total':<40}" + "".join(f"{sum(steps[p].values()) * 1e3:>12.2f}" for p in args.presets))
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
