@@ -80,7 +80,7 @@ def degrade(hr: np.ndarray, params: DegradationParams, rng: np.random.Generator,
     s1 = params.resize1.scale
     out = resize(out, int(h * s1), int(w * s1), params.resize1.interp)
     out = _noise(out, params.noise1, rng)
-    out = jpeg(out, params.jpeg1.quality)
+    out = jpeg(out, params.jpeg1.quality, clipped=True)  # the noise step clipped it
     # second order: the resize is relative to the target LR size, as in BasicSR
     out = _blur(out, params.blur2)
     s2 = params.resize2.scale
@@ -91,7 +91,7 @@ def degrade(hr: np.ndarray, params: DegradationParams, rng: np.random.Generator,
         out = _blur(resize(out, lr_h, lr_w, final.interp), final.sinc)
         out = jpeg(out, params.jpeg_final.quality)
     elif final.order == "jpeg_resize_sinc":
-        out = jpeg(out, params.jpeg_final.quality)
+        out = jpeg(out, params.jpeg_final.quality, clipped=True)
         out = _blur(resize(out, lr_h, lr_w, final.interp), final.sinc)
     else:
         raise ValueError(f"unknown final order {final.order!r}")
@@ -105,7 +105,8 @@ def sharpen(crop: np.ndarray, usm: UsmParams | None) -> np.ndarray:
     if crop.dtype != np.uint8 or crop.ndim != 3 or crop.shape[2] != 3:
         raise ValueError(f"expected an RGB uint8 image HxWx3, got {crop.dtype} {crop.shape}")
     # per-channel maths, so RGB needs no conversion; rounding as XPSR's cv2.imwrite of 255 * gt
-    return unit_to_uint8(usm_sharp(crop, usm.weight, usm.radius, usm.threshold))
+    # the blend img + mask * (clip(sharp) - img) is >= -1e-7: no negatives to zero
+    return unit_to_uint8(usm_sharp(crop, usm.weight, usm.radius, usm.threshold), nonnegative=True)
 
 
 def synthesize(crop: np.ndarray, preset: str, seed: int, scale: int, usm: bool | None = None

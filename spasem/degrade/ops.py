@@ -29,10 +29,14 @@ def uint8_to_unit(img: np.ndarray) -> np.ndarray:
     return np.multiply(img, np.float32(1.0 / 255.0), dtype=np.float32)
 
 
-def unit_to_uint8(img: np.ndarray) -> np.ndarray:
-    """float32 in [0, 1] -> uint8, clipped and rounded (BasicSR's final ``clamp((x * 255).round())``)."""
-    # convertScaleAbs rounds and saturates at 255 in one pass; negatives must be zeroed first
-    return cv2.convertScaleAbs(np.maximum(img, np.float32(0.0)), alpha=255.0)
+def unit_to_uint8(img: np.ndarray, nonnegative: bool = False) -> np.ndarray:
+    """float32 in [0, 1] -> uint8, clipped and rounded (BasicSR's final ``clamp((x * 255).round())``).
+
+    ``nonnegative``: the caller knows no value is below -0.5 / 255 (clipped noise output, the USM
+    blend), so the pass that zeroes negatives can go: they would round to 0 all the same.
+    """
+    # convertScaleAbs rounds and saturates at 255 in one pass; it takes |x|, so negatives are zeroed first
+    return cv2.convertScaleAbs(img if nonnegative else np.maximum(img, np.float32(0.0)), alpha=255.0)
 
 
 # ------------------------------------------------------------------------------------------- blur
@@ -275,16 +279,19 @@ def add_poisson_noise(img: np.ndarray, scale: float, gray: bool, rng: np.random.
     # noise = scale * (X / vals - level / 255), X ~ Poisson(level / 255 * vals)
     shift = np.multiply(levels, np.float32(-scale / 255.0), dtype=np.float32)
     noise = cv2.scaleAdd(poisson_levels(levels, vals, rng), scale / vals, shift)
-    out = np.add(img, noise[..., None] if gray else noise, dtype=np.float32)
+    out = np.add(img, noise[..., None]) if gray else np.add(img, noise, out=noise)
     return np.clip(out, 0.0, 1.0, out=out)
 
 
 # ------------------------------------------------------------------------------------------- JPEG
 
 
-def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
-    """JPEG round trip of a BGR image through libjpeg at ``quality`` (clipped to [0, 1] first, as BasicSR)."""
-    ok, data = cv2.imencode(".jpg", unit_to_uint8(img), [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
+def jpeg(img: np.ndarray, quality: int, clipped: bool = False) -> np.ndarray:
+    """JPEG round trip of a BGR image through libjpeg at ``quality`` (clipped to [0, 1] first, as BasicSR).
+
+    ``clipped``: ``img`` is already in [0, 1] (the noise steps clip), which saves a pass.
+    """
+    ok, data = cv2.imencode(".jpg", unit_to_uint8(img, clipped), [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
     if not ok:
         raise RuntimeError(f"JPEG encoding failed at quality {quality} for an image of shape {img.shape}")
     return uint8_to_unit(cv2.imdecode(data, cv2.IMREAD_COLOR))
