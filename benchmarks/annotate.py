@@ -111,13 +111,15 @@ class CpuClock:
                     proc = getattr(obj, attr, None)
                     if proc is None:
                         continue
-                    kind = "tokenize" if attr == "tokenizer" else f"processor ({type(proc).__name__})"
-                    self.wrap(type(proc), "__call__", kind)
+                    # a part per class: LLaVA's image processor is CLIP's class, so they share a row
+                    self.wrap(type(proc), "__call__", "tokenize" if attr == "tokenizer" else
+                              f"processor ({type(proc).__name__})")
                     self.wrap(type(proc), "apply_chat_template", "chat template")
                     for sub in ("tokenizer", "image_processor"):
                         inner = getattr(proc, sub, None)
                         if inner is not None:
-                            self.wrap(type(inner), "__call__", "tokenize" if sub == "tokenizer" else kind)
+                            self.wrap(type(inner), "__call__", "tokenize" if sub == "tokenizer" else
+                                      f"processor ({type(inner).__name__})")
                     for method in ("batch_decode", "decode"):
                         self.wrap(type(getattr(proc, "tokenizer", proc)), method, "detokenize")
 

@@ -28,6 +28,9 @@ from stages.annotations import AnnotationStage
 
 
 class CaptionBackend(Protocol):
+    """``caption`` is asked once per image column; a backend may also offer ``caption_groups(groups)``
+    (a list of ``(images, prompts)``, answered as a list of ``caption`` results) to take them in one call."""
+
     def caption(self, images: list[np.ndarray], prompts: Sequence[str]) -> list[list[str]]:
         """Greedy captions: for each prompt, one per image."""
 
@@ -88,10 +91,14 @@ class Captioner(AnnotationStage):
         )
 
     def process(self, batch: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
+        plan = caption_asks(self.cfg, "hr" in batch)
+        groups = [([np.asarray(batch[column][i], np.uint8) for i in rows], [prompt for _, prompt in asks])
+                  for column, asks in plan.items()]
+        # a backend that schedules requests itself (vLLM) takes every image's prompts in one call
+        together = getattr(self.backend, "caption_groups", None)
+        replies_per_group = together(groups) if together else [self.backend.caption(*group) for group in groups]
         answers: list[dict[str, str]] = [{} for _ in rows]
-        for column, asks in caption_asks(self.cfg, "hr" in batch).items():
-            images = [np.asarray(batch[column][i], np.uint8) for i in rows]
-            replies = self.backend.caption(images, [prompt for _, prompt in asks])
+        for asks, replies in zip(plan.values(), replies_per_group, strict=True):
             for (name, _), reply in zip(asks, replies, strict=True):
                 for row, text in zip(answers, reply, strict=True):
                     row[name] = text

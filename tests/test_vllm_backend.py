@@ -133,12 +133,12 @@ def test_captions_stage_on_vllm_writes_the_same_members_and_model_id(llava, fake
     requests, params = fake_vllm.calls[0]
     assert params["temperature"] == 0.0 and params["max_tokens"] == 24
     # the three prompts of the transformers backend, each about its image: high on the HR (high_on: hr),
-    # quality and objects on the LR, the LR's two in one call so the engine shares its prefix
+    # quality and objects on the LR, all in one generate so the engine schedules them together
     asked = {(r["prompt"], np.asarray(r["multi_modal_data"]["image"]).shape[0])
              for requests, _ in fake_vllm.calls for r in requests}
     assert asked == {(chat_prompt(section.high_prompt), 64), (chat_prompt(section.low_prompt), 16),
                      (chat_prompt(section.objects_prompt), 16)}
-    assert len(fake_vllm.calls) == 2 and sum(len(r) for r, _ in fake_vllm.calls) == 3 * 2
+    assert len(fake_vllm.calls) == 1 and len(fake_vllm.calls[0][0]) == 3 * 2  # one generate per micro-batch
     assert [list(o) for o in out["objects"]] == [["red car", "dogs"]] * 2  # the column grounding reads
     # the fake answers with the prompt's tail, cleaned as the transformers backend cleans
     assert out["caption_high"][0] == chat_prompt(cfg.annotate.captions.high_prompt)[-30:].strip()

@@ -104,6 +104,16 @@ class VllmLlava:
 
     def caption(self, images: list[np.ndarray], prompts: Sequence[str]) -> list[list[str]]:
         """Greedy answers: for each prompt, one per image (all requests of the call scheduled together)."""
-        requests = build_requests(images, [chat_prompt(p, self.processor) for p in prompts])
-        outputs = self.llm.generate(requests, self.params, use_tqdm=False)  # in request order
-        return parse_outputs([o.outputs[0].text for o in outputs], len(images), len(prompts))
+        return self.caption_groups([(images, prompts)])[0]
+
+    def caption_groups(self, groups: Sequence[tuple[list[np.ndarray], Sequence[str]]]) -> list[list[list[str]]]:
+        """:meth:`caption` of each ``(images, prompts)`` group, all in one ``generate``: the engine schedules
+        a micro-batch's HR and LR requests together, and its prefix cache serves each image's prompts."""
+        requests = [build_requests(images, [chat_prompt(p, self.processor) for p in prompts])
+                    for images, prompts in groups]
+        outputs = self.llm.generate([r for group in requests for r in group], self.params, use_tqdm=False)
+        texts, out = [o.outputs[0].text for o in outputs], []  # in request order
+        for (images, prompts), group in zip(groups, requests, strict=True):
+            out.append(parse_outputs(texts[: len(group)], len(images), len(prompts)))
+            texts = texts[len(group) :]
+        return out
