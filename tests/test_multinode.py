@@ -3,9 +3,9 @@
 --address`, each its own raylet with its own resources. The three entry points are submitted with
 `ray job submit --working-dir .` and must each end SUCCEEDED; every input and output (photos, pairs,
 shards, checkpoints, the export, the upscaled images) is an s3:// URI on the moto server, so no node
-reads a data folder another node wrote; training places one worker on each worker node. (Model folders
-are the exception one machine cannot show: the tiny models and a fetched --model export are resolved to
-local paths by the driver; see docs/cluster.md.) Each node is stopped through its own process group, never with a global `ray stop`
+reads a data folder another node wrote; training places one worker on each worker node. Models are
+resolved by the actors and workers on their own node (docs/cluster.md); one machine's shared file system
+cannot show that each node built its own copy. Each node is stopped through its own process group, never with a global `ray stop`
 (which would also stop other tests' clusters)."""
 
 from __future__ import annotations
