@@ -130,16 +130,3 @@ def test_empty_input_is_a_clear_error(tmp_path, capsys, ray_cluster):
     assert "no images" in capsys.readouterr().err
 
 
-def test_joins_an_existing_cluster_like_ray_job_submit(corpus, reference_run, tmp_path, ray_cluster):
-    """With RAY_ADDRESS set (as ``ray job submit`` does), prepare runs on that cluster, not a new one."""
-    folder, _, _ = corpus
-    address = ray_cluster.get_runtime_context().gcs_address
-    out = tmp_path / "joined"
-    env = dict(os.environ, RAY_ADDRESS=address)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.prepare", "--input", str(folder), "--output", str(out), *SHARD_ONLY],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "Connecting to existing Ray cluster" in proc.stderr
-    assert _shards(out / "pairs") == _shards(reference_run / "pairs")

@@ -3,8 +3,10 @@
 One shard set per module, prepared the way a real run prepares it (every phase: captions, boxes,
 CLIP/DINOv2 features, text states and latents in the shards; 4 shards of 2 samples, 64 px, the last
 held out for validation), and one uninterrupted ZeRO-2 reference run that the resume and fault tests
-compare against, loss for loss and key for key. The ZeRO-3 run trains on the bare pairs instead
-(everything computed online). Faults and probes enter from the test side through ``instrumented``, a
+compare against, loss for loss and key for key. ZeRO-3 on the bare pairs (everything computed online,
+the weights partitioned across workers and gathered for the export) is trained in
+tests/test_multinode.py, one worker on each of two Ray nodes. ZeRO-1 differs from ZeRO-2 only inside
+DeepSpeed's gradient partitioning: no run of its own. Faults and probes enter from the test side through ``instrumented``, a
 wrapper around the production ``train_loop_per_worker``.
 """
 
@@ -190,16 +192,6 @@ def test_zero2_trains_on_the_annotated_shards_loss_falls_and_writes_the_run_fold
     assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
     state = json.loads((reference / "checkpoints" / "step-00000004" / "state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 4
-
-
-def test_zero3_trains_on_bare_pairs_and_loss_falls(shards, tmp_path):
-    # ZeRO-1 differs from the reference's ZeRO-2 only inside DeepSpeed's gradient partitioning: no run of
-    # its own. ZeRO-3 partitions the weights (export and validation gather them): a run.
-    out = tmp_path / "zero3"  # the pairs only: captions, features, latents all computed online
-    assert launch_main(_args(shards / "pairs", out, "deepspeed.stage=3", "train.export_with_checkpoint=false")) == 0
-    _check_trained(out)
-    # the final export, gathered from ZeRO-3 slices too
-    assert (out / "export" / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
 
 
 def test_relaunch_resumes_with_same_step_same_samples_and_identical_losses(reference, shards, tmp_path):
