@@ -101,3 +101,19 @@ def test_entry_points_announce_tiny_on_a_user_folder(main, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="spasem.profiles"):
         assert main(["--input", str(tmp_path / "photos"), "--output", str(tmp_path / "out")]) == 1
     assert any("models.profile=tiny" in r.getMessage() for r in caplog.records)
+
+
+def test_a_relative_cache_inside_a_ray_job_package_moves_to_the_home_cache(tmp_path, monkeypatch):
+    from spasem.profiles import fixed_cache
+
+    models = load_config().models
+    monkeypatch.chdir(tmp_path)
+    assert fixed_cache(models).cache_dir == str(tmp_path / ".cache" / "models")
+    # `ray job submit --working-dir .` runs the driver in a package folder Ray deletes when released
+    package = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    package.mkdir(parents=True)
+    monkeypatch.chdir(package)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert fixed_cache(models).cache_dir == str(tmp_path / "home" / ".cache" / "spasem" / "models")
+    absolute = models.model_copy(update={"cache_dir": str(tmp_path / "shared")})
+    assert fixed_cache(absolute).cache_dir == str(tmp_path / "shared")

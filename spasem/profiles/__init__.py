@@ -75,11 +75,23 @@ def resolve_models(cfg: ModelsConfig, names: tuple[str, ...] = MODEL_NAMES) -> d
     return {name: getattr(cfg, name) for name in names}
 
 
+RAY_PACKAGE = ("runtime_resources", "working_dir_files")  # where `ray job submit --working-dir .` unpacks a job
+
+
 def fixed_cache(cfg: ModelsConfig) -> ModelsConfig:
     """``cfg`` with an absolute ``cache_dir`` (relative: to this process's working directory). Ray Train
     moves its workers into a folder per run: a location fixed before the section travels lets every
-    process of a node share one build, and each node fills that location itself."""
-    cache = str(Path(cfg.cache_dir).expanduser().absolute())
+    process of a node share one build, and each node fills that location itself.
+
+    A job submitted with ``--working-dir`` runs in the folder Ray unpacked it into, which Ray deletes
+    once no job uses that package: a relative cache there would vanish under running workers (and be
+    rebuilt by every job), so it goes under ``~/.cache/spasem`` instead."""
+    path = Path(cfg.cache_dir).expanduser()
+    if not path.is_absolute() and all(part in Path.cwd().parts for part in RAY_PACKAGE):
+        path = Path.home() / ".cache" / "spasem" / Path(*[p for p in path.parts if p != ".cache"] or ["models"])
+        log.info("models.cache_dir=%s is relative and this job runs in Ray's unpacked working_dir: using %s",
+                 cfg.cache_dir, path)
+    cache = str(path.absolute())
     return cfg if cache == cfg.cache_dir else cfg.model_copy(update={"cache_dir": cache})
 
 
