@@ -117,3 +117,15 @@ def test_a_relative_cache_inside_a_ray_job_package_moves_to_the_home_cache(tmp_p
     assert fixed_cache(models).cache_dir == str(tmp_path / "home" / ".cache" / "spasem" / "models")
     absolute = models.model_copy(update={"cache_dir": str(tmp_path / "shared")})
     assert fixed_cache(absolute).cache_dir == str(tmp_path / "shared")
+
+
+def test_a_training_worker_of_rank_1_builds_complete_tiny_models(tmp_path, monkeypatch):
+    # a Ray Train worker has torch.distributed up; transformers then saves on rank 0 only
+    import transformers.distributed.mixin as mixin
+
+    from spasem.profiles import ensure_tiny
+
+    monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
+    monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
+    sd = ensure_tiny(tmp_path, ("sd",))["sd"]
+    assert any(p.suffix == ".safetensors" for p in (tmp_path / "tiny-v1" / "sd" / "text_encoder").iterdir()), sd

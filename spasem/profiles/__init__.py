@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -61,11 +62,34 @@ def build_once(target: Path, build: Callable[[Path], None], what: str) -> str:
     return str(target)
 
 
+@contextmanager
+def _every_rank_writes():
+    """transformers' ``save_pretrained`` writes nothing on a rank other than 0 once torch.distributed is up
+    (``DistributedMixin.should_save_on_this_rank``). A training worker of any rank may take the build lock
+    first: without this, rank 1 built an SD folder with an empty ``text_encoder/`` and marked it complete."""
+    try:
+        from transformers.distributed.mixin import DistributedMixin
+    except ImportError:  # a transformers without the rank gate
+        yield
+        return
+    gate = DistributedMixin.should_save_on_this_rank
+    DistributedMixin.should_save_on_this_rank = lambda self, is_main_process: is_main_process
+    try:
+        yield
+    finally:
+        DistributedMixin.should_save_on_this_rank = gate
+
+
+def _build_tiny(name: str, target: Path) -> None:
+    with _every_rank_writes():
+        _builder(name)(target)
+
+
 def ensure_tiny(cache_dir: str | Path, names: tuple[str, ...] = MODEL_NAMES) -> dict[str, str]:
     """Build (once) and return the paths of the tiny models ``names``."""
     root = Path(cache_dir).expanduser().resolve() / f"tiny-v{TINY_VERSION}"
     # the builder is imported only when a model must be built
-    return {name: build_once(root / name, lambda t, n=name: _builder(n)(t), f"tiny {name}") for name in names}
+    return {name: build_once(root / name, lambda t, n=name: _build_tiny(n, t), f"tiny {name}") for name in names}
 
 
 def resolve_models(cfg: ModelsConfig, names: tuple[str, ...] = MODEL_NAMES) -> dict[str, str]:
