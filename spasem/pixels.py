@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -26,9 +27,20 @@ def to_signed_np(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / HALF_RANGE - 1.0
 
 
+# to_signed of every uint8 value, computed by to_signed itself so a lookup gives the very same floats
+_SIGNED_LUT = to_signed(torch.arange(256, dtype=torch.uint8)).numpy()
+
+
 def hwc_to_signed(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``[B,H,W,3]`` array -> float32 tensor ``[B,3,H,W]`` in [-1, 1]."""
-    return to_signed(torch.from_numpy(np.require(images, requirements=("C", "W"))).permute(0, 3, 1, 2))
+    """uint8 ``[B,H,W,3]`` array -> float32 tensor ``[B,3,H,W]`` in [-1, 1] (channels-last memory).
+
+    One table lookup per value (OpenCV's ``LUT`` writes float32 straight from uint8): the same values
+    as :func:`to_signed` at less than half the CPU of its convert, divide and subtract passes.
+    """
+    if images.dtype != np.uint8 or images.ndim != 4 or images.size == 0:
+        return to_signed(torch.from_numpy(np.require(images, requirements=("C", "W"))).permute(0, 3, 1, 2))
+    flat = np.ascontiguousarray(images).reshape(-1, images.shape[2] * images.shape[3])
+    return torch.from_numpy(cv2.LUT(flat, _SIGNED_LUT)).view(images.shape).permute(0, 3, 1, 2)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -72,3 +72,17 @@ def test_unknown_dtype_is_a_clear_error():
     assert features.torch_dtype("bf16") is torch.bfloat16
     with pytest.raises(ValueError, match="float32, bfloat16, float16"):
         features.torch_dtype("float8")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 3), (2, 5, 7, 3), (3, 64, 48, 3)])
+def test_the_host_lookup_gives_to_signeds_floats(shape):
+    """images_to_tensor on the CPU looks values up instead of converting; the floats must not change."""
+    from spasem.pixels import to_signed
+
+    images = np.random.default_rng(sum(shape)).integers(0, 256, shape, np.uint8)
+    images[0, 0, 0] = (0, 127, 255)
+    expected = to_signed(torch.from_numpy(images).permute(0, 3, 1, 2))
+    out = features.images_to_tensor(images)
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    assert torch.equal(out, expected)  # bit for bit: the latents in the shards depend on them
+    assert torch.equal(features.images_to_tensor(list(images)), expected)
