@@ -2,8 +2,8 @@
 
 One shard set per module, prepared the way a real run prepares it (every phase: captions, boxes,
 CLIP/DINOv2 features, text states and latents in the shards; 4 shards of 2 samples, 64 px, the last
-held out for validation), and one uninterrupted ZeRO-2 reference run that the resume and fault tests
-compare against, loss for loss and key for key. ZeRO-3 on the bare pairs (everything computed online,
+held out for validation), and one uninterrupted ZeRO-2 reference run that the relaunched run (on S3,
+with a fault injected after the relaunch) is compared against, loss for loss and key for key. ZeRO-3 on the bare pairs (everything computed online,
 the weights partitioned across workers and gathered for the export) is trained in
 tests/test_multinode.py, one worker on each of two Ray nodes. ZeRO-1 differs from ZeRO-2 only inside
 DeepSpeed's gradient partitioning: no run of its own. Faults and probes enter from the test side through ``instrumented``, a
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from pipeline.prepare import main as prepare_main
-from spasem.storage import open_store
+from spasem.storage import download_tree, open_store
 from tests.conftest import skimage_photo
 from training.checkpoints import latest_checkpoint
 from training.launch import main as launch_main
@@ -194,32 +194,50 @@ def test_zero2_trains_on_the_annotated_shards_loss_falls_and_writes_the_run_fold
     assert state["world_size"] == 2 and state["step"] == 4
 
 
-def test_relaunch_resumes_with_same_step_same_samples_and_identical_losses(reference, shards, tmp_path):
-    run, record = tmp_path / "run", tmp_path / "keys.jsonl"
-    assert launch(_args(shards, run, "deepspeed.stage=2", "train.max_steps=2",
+def test_relaunch_and_a_fault_resume_on_s3_with_same_samples_and_identical_losses(reference, shards, bucket,
+                                                                                      tmp_path):
+    """A run on S3 stopped at step 2, relaunched to step 4 with a fault injected before step 3: the
+    relaunch resumes from the first launch's checkpoint, the restart after the fault from it again, and
+    the run sees the uninterrupted run's samples and losses step for step."""
+    uri, record = f"s3://{bucket}/runs/relaunched", tmp_path / "keys.jsonl"
+    run = open_store(uri)
+    assert launch(_args(shards, uri, "deepspeed.stage=2", "train.max_steps=2",
                         "train.export_with_checkpoint=false"), record) == 0
-    assert latest_checkpoint(open_store(str(run)))[1].step == 2
+    assert latest_checkpoint(run)[1].step == 2
     # a new process in real life; here a new Ray Train run on the same --output with a higher step budget,
     # exporting the self-contained pipeline this time (a safe change: nothing in the checkpoint depends on it)
-    assert launch(_args(shards, run, "deepspeed.stage=2", "train.max_steps=4", "train.export_full=true"), record) == 0
-    _same_model_in_both_layouts(reference / "export", run / "export")
-    # interrupted and resumed, the run saw exactly the key sequence of the uninterrupted one
+    assert launch(_args(shards, uri, "deepspeed.stage=2", "train.max_steps=4", "train.export_full=true",
+                        "train.max_failures=1"), record, fault_at_step=3) == 0
+    assert Path(f"{record}.fault").read_text() == "3"  # the fault really fired, once
+    # interrupted, relaunched and restarted, the run saw exactly the key sequence of the uninterrupted one
     assert keys_by_step(record) == reference_keys(reference)
-    launches = [json.loads(line) for line in (run / "launches.jsonl").read_text().splitlines()]
+    launches = [json.loads(line) for line in run.read("launches.jsonl").decode().splitlines()]
     assert launches[1]["from_step"] == 2 and launches[1]["changed"]["train.max_steps"] == [2, 4]
-    ref, resumed = _by_step(read_metrics(open_store(str(reference)))), _by_step(read_metrics(open_store(str(run))))
+    ref, resumed = _by_step(read_metrics(open_store(str(reference)))), _by_step(read_metrics(run))
     assert sorted(resumed) == [0, 1, 2, 3, 4]
     for step in (3, 4):  # step 3 is the first step after the relaunch: same weights, same samples, same noise
         for key in LOSS_KEYS + ("val/loss",):
             if key in ref[step]:
                 assert resumed[step][key] == ref[step][key], (step, key, resumed[step][key], ref[step][key])
-    assert latest_checkpoint(open_store(str(run)))[1].step == 4
+    files = set(run.list())
+    for step in (2, 4):
+        assert f"checkpoints/step-{step:08d}/state.json" in files
+        assert f"checkpoints/step-{step:08d}/deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt" in files
+    assert {"export/spasem_export.json", "export/controlnet/diffusion_pytorch_model.safetensors", "metrics.jsonl",
+            "export/README.md", "export/model_index.json"} <= files
+    download_tree(run.child("export"), tmp_path / "export")
+    _same_model_in_both_layouts(reference / "export", tmp_path / "export")
+    # credentials never reach what the run writes (configs, metrics, markers)
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    for name in files:
+        if name.endswith((".yaml", ".json", ".jsonl")):
+            assert secret not in run.read(name), name
     # fewer workers: ZeRO-2's per-rank optimizer partitions no longer fit, the weights and the step do
-    assert launch_main(_args(shards, run, "deepspeed.stage=2", "train.max_steps=5", "train.num_workers=1",
+    assert launch_main(_args(shards, uri, "deepspeed.stage=2", "train.max_steps=5", "train.num_workers=1",
                              "train.export_with_checkpoint=false")) == 0
-    found = latest_checkpoint(open_store(str(run)))[1]
+    found = latest_checkpoint(run)[1]
     assert (found.step, found.world_size) == (5, 1)
-    assert math.isfinite(_by_step(read_metrics(open_store(str(run))))[5]["loss"])
+    assert math.isfinite(_by_step(read_metrics(run))[5]["loss"])
 
 
 def _same_model_in_both_layouts(default: Path, full: Path) -> None:
@@ -242,32 +260,6 @@ def _same_model_in_both_layouts(default: Path, full: Path) -> None:
     outs = [Diffuser(fast, cfg.models, str(f))(_diffuse_row(lr, "x.png"))["sr"][0] for f in (default, full)]
     assert outs[0].shape == (40, 56, 3)
     np.testing.assert_array_equal(outs[0], outs[1])
-
-
-def test_injected_fault_is_survived_with_checkpoints_on_s3(reference, shards, bucket, tmp_path):
-    uri, record = f"s3://{bucket}/runs/faulty", tmp_path / "keys.jsonl"
-    assert launch(_args(shards, uri, "deepspeed.stage=2", "train.max_failures=1",
-                        "train.export_with_checkpoint=false"), record, fault_at_step=3) == 0
-    run = open_store(uri)
-    assert Path(f"{record}.fault").read_text() == "3"  # the fault really fired, once
-    assert keys_by_step(record) == reference_keys(reference)  # the restart redid step 3 on the same samples
-    files = set(run.list())
-    for step in (2, 4):
-        assert f"checkpoints/step-{step:08d}/state.json" in files
-        assert f"checkpoints/step-{step:08d}/deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt" in files
-    assert {"export/spasem_export.json", "export/controlnet/diffusion_pytorch_model.safetensors", "metrics.jsonl",
-            "export/README.md"} <= files
-    assert not any(name.startswith(("export/unet/", "export/vae/", "export/model_index")) for name in files)
-    ref, faulty = _by_step(read_metrics(open_store(str(reference)))), _by_step(read_metrics(run))
-    assert sorted(faulty) == [0, 1, 2, 3, 4]
-    # restarted from the step-2 checkpoint, the data stream and the losses continue as if nothing happened
-    for step in (3, 4):
-        assert faulty[step]["loss"] == ref[step]["loss"], (step, faulty[step]["loss"], ref[step]["loss"])
-    # credentials never reach what the run writes (configs, metrics, markers)
-    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
-    for name in files:
-        if name.endswith((".yaml", ".json", ".jsonl")):
-            assert secret not in run.read(name), name
 
 
 def test_export_loads_into_the_one_image_pipeline(reference, shards):
