@@ -70,6 +70,22 @@ def tiny(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def demo_prepared(tmp_path_factory, tiny, ray_cluster) -> Path:
+    """``python -m pipeline.prepare`` as ``make demo`` runs it: the bundled sample photos, the default
+    config (every phase, the tiny profile). Built once; tests that change it work on a copy."""
+    from pipeline.prepare import main as prepare_main
+
+    out = tmp_path_factory.mktemp("demo-prepared")
+    assert prepare_main(demo_prepare_args(out, tiny)) == 0
+    return out
+
+
+def demo_prepare_args(out: Path, tiny: dict[str, str], *extra: str) -> list[str]:
+    """The demo's command line with the session's tiny models, writing to ``out``."""
+    return ["--output", str(out), "--set", f"models.cache_dir={Path(tiny['sd']).parents[1]}", *extra]
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1; yields a boto3 client."""
     import boto3

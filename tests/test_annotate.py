@@ -12,38 +12,20 @@ import pytest
 
 from pipeline.prepare import main as prepare_main
 from spasem.shards import read_tar
-from tests.conftest import failing_on_key, write_good_photos
+from tests.conftest import demo_prepare_args, failing_on_key
 
-ARGS = ["--set", "data.hr_size=64", "--set", "data.min_size=64", "--set", "data.shard_size=4",
-        "--set", "prepare.progress=false", "--set", "annotate.captions.max_new_tokens=12"]
 NPY = {"clip_lr.npy": 2, "dino_lr.npy": 2, "clip_hr.npy": 1, "dino_hr.npy": 1, "text.npy": 3, "latent.npy": 3}
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("photos")
-    write_good_photos(folder)
-    for extra in folder.glob("*_la.png"):
-        extra.unlink()  # fewer files keep the module quick; the read stage's own tests cover the modes
-    return folder
+def annotated(demo_prepared) -> Path:
+    """The demo's prepare run (every phase, default config), shared with tests/test_golden_shards.py."""
+    return demo_prepared
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("models"))
-
-
-def _run(photos: Path, out: Path, cache: str, *extra: str) -> dict:
-    assert prepare_main(["--input", str(photos), "--output", str(out), *ARGS,
-                         "--set", f"models.cache_dir={cache}", *extra]) == 0
+def _run(out: Path, tiny: dict[str, str], *extra: str) -> dict:
+    assert prepare_main(demo_prepare_args(out, tiny, *extra)) == 0
     return json.loads((out / "summary.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def annotated(photos, cache, tmp_path_factory, ray_cluster) -> Path:
-    out = tmp_path_factory.mktemp("annotated")
-    _run(photos, out, cache)
-    return out
 
 
 def _samples(out: Path) -> dict[str, dict[str, bytes]]:
@@ -77,7 +59,7 @@ def test_every_member_with_design_dtype_and_shape(annotated):
     assert rows and "latent.npy" in rows[0]
 
 
-def test_a_killed_annotate_phase_resumes_to_identical_shards(annotated, photos, cache, tmp_path):
+def test_a_killed_annotate_phase_resumes_to_identical_shards(annotated, tiny, tmp_path):
     # same input, same bytes across fresh runs is what tests/test_golden_shards.py pins; here: resume
     out = tmp_path / "again"
     shutil.copytree(annotated, out)
@@ -85,19 +67,20 @@ def test_a_killed_annotate_phase_resumes_to_identical_shards(annotated, photos, 
     # a run killed after shard 1's tar but before its marker: the rerun redoes exactly that shard
     (out / "shards" / "shard-000001.json").unlink()
     (out / "shards" / "shard-000001.tar").write_bytes(b"partial")
-    summary = _run(photos, out, cache)
+    summary = _run(out, tiny)
     assert summary["phases"]["annotate"]["built"] == 1
     assert {p.name: p.read_bytes() for p in sorted((out / "shards").glob("shard-*"))} == first
 
 
-def test_injected_failure_becomes_a_reject(annotated, photos, cache, tmp_path, monkeypatch):
+def test_injected_failure_becomes_a_reject(annotated, tiny, tmp_path, monkeypatch):
     from pipeline import annotate_phase
 
     victim = sorted(_samples(annotated))[0]
     failing = failing_on_key(annotate_phase.STAGES["captions"], victim)
     monkeypatch.setitem(annotate_phase.STAGES, "captions", failing)
     out = tmp_path / "failing"
-    summary = _run(photos, out, cache, "--set", "annotate.grounding.enabled=false")
+    shutil.copytree(annotated / "pairs", out / "pairs")  # the annotate phase alone, on the demo's pairs
+    summary = _run(out, tiny, "--set", "prepare.phases=[annotate]", "--set", "annotate.grounding.enabled=false")
     samples = _samples(out)
     assert victim not in samples and len(samples) == len(_samples(annotated)) - 1
     assert "boxes.json" not in next(iter(samples.values()))

@@ -1,10 +1,12 @@
-"""The demo shards are byte-identical to those recorded before the layout move (issue 11).
+"""The demo shards are byte-identical to the recorded ones.
 
 ``tests/data/demo_shards.sha256`` holds the sha256 of every pairs and final shard that
-``python -m pipeline.prepare`` wrote on the bundled sample photos with the tiny profile, recorded
-from main before ``spasem/`` existed. A refactor that changes a byte of a shard fails here; a change
-meant to alter shards (a new preset default, another grounding image) updates the table and says why
-in its commit.
+``python -m pipeline.prepare`` wrote on the bundled sample photos with the tiny profile (the session's
+``demo_prepared`` run, which tests/test_annotate.py also reads). First recorded before the layout move
+(issue 11); re-recorded once, when the PNG writer changed (spasem/png.py: every PNG decodes to the
+same pixels as before, every other member stayed byte-identical). A refactor that changes a byte of a
+shard fails here; a change meant to alter shards (a new preset default, another grounding image)
+updates the table and says why in its commit.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import hashlib
 from pathlib import Path
 
 import pytest
-
-from pipeline.prepare import main as prepare_main
 
 RECORDED = Path(__file__).parent / "data" / "demo_shards.sha256"
 
@@ -25,10 +25,8 @@ def _recorded() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_demo_shards_are_byte_identical_to_the_recorded_ones(tmp_path, tiny, ray_cluster):
-    cache = Path(tiny["sd"]).parents[1]
-    assert prepare_main(["--output", str(tmp_path), "--set", f"models.cache_dir={cache}"]) == 0
-    found = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((tmp_path / "shards").glob("*.tar"))}
+def test_demo_shards_are_byte_identical_to_the_recorded_ones(demo_prepared):
+    found = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((demo_prepared / "shards").glob("*.tar"))}
     found |= {f"pairs/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest()
-              for p in sorted((tmp_path / "pairs").glob("*.tar"))}
+              for p in sorted((demo_prepared / "pairs").glob("*.tar"))}
     assert found == _recorded()
