@@ -164,3 +164,19 @@ def test_a_failure_the_restarts_cannot_fix_ends_in_one_line_naming_the_workers_e
     code, error = _launch(capsys, shard_dir, tmp_path / "run", tiny, "train.max_failures=2")
     assert code == 1 and error == ("error: training failed after 2 restart(s): CheckpointMismatch: the checkpoint "
                                    "does not fit the model (the full traceback is logged above)")
+
+
+def test_cpu_runs_leave_deepspeeds_shm_op_unbuilt(monkeypatch):
+    """On CPU, gloo does the collectives: DeepSpeed's shared-memory op (a C++ build of 30-50 s, which can
+    hang peers on CPUs without AVX-512) must not be built. The patch has to reach the module DeepSpeed
+    calls it from, not the ``torch`` package that ``import deepspeed.comm.torch as m`` binds."""
+    import importlib
+
+    from training.runner import set_accelerator
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    module = importlib.import_module("deepspeed.comm.torch")
+    monkeypatch.setattr(module, "build_shm_op", module.build_shm_op)  # put back after the test
+    set_accelerator(False)
+    assert module.build_shm_op() is None
+    assert not hasattr(torch, "build_shm_op")

@@ -260,6 +260,7 @@ def set_accelerator(use_gpu: bool) -> None:
     """
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
     if not use_gpu:
-        import deepspeed.comm.torch as ds_torch
-
+        # by name in sys.modules: ``import deepspeed.comm.torch as m`` binds the ``torch`` package that
+        # deepspeed.comm re-exports under that name, so patching it never reached DeepSpeed
+        ds_torch = importlib.import_module("deepspeed.comm.torch")
         ds_torch.build_shm_op = lambda: None
