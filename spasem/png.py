@@ -93,12 +93,11 @@ def _fast_decode(data: bytes) -> np.ndarray | None:
     if filters.any():
         if not (filters == _UP).all():
             return None  # Sub, Average, Paeth or a mix: libpng undoes them faster than numpy can
-        pixels = np.empty((height, stride - 1), np.uint8)
-        pixels[0] = rows[0, 1:]
-        for y in range(1, height):  # row by row: 3x faster than np.cumsum along axis 0
-            np.add(pixels[y - 1], rows[y, 1:], out=pixels[y])  # uint8 wraps mod 256: undoes Up exactly
-    else:
-        pixels = rows[:, 1:].copy()
+        rows = rows.copy()  # undone in place, row by row: 3x faster than np.cumsum along axis 0
+        add, views = np.add, list(rows[:, 1:])
+        for above, row in zip(views, views[1:]):
+            add(above, row, out=row)  # uint8 wraps mod 256: undoes Up exactly
+    pixels = np.ascontiguousarray(rows[:, 1:])
     return pixels.reshape(height, width, 3)
 
 
