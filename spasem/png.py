@@ -95,7 +95,7 @@ def _fast_decode(data: bytes) -> np.ndarray | None:
             return None  # Sub, Average, Paeth or a mix: libpng undoes them faster than numpy can
         rows = rows.copy()  # undone in place, row by row: 3x faster than np.cumsum along axis 0
         add, views = np.add, list(rows[:, 1:])
-        for above, row in zip(views, views[1:]):
+        for above, row in zip(views[:-1], views[1:], strict=True):
             add(above, row, out=row)  # uint8 wraps mod 256: undoes Up exactly
     pixels = np.ascontiguousarray(rows[:, 1:])
     return pixels.reshape(height, width, 3)
