@@ -157,6 +157,7 @@ def run_annotate_phase(cfg: Config, num_shards: int) -> dict[str, Any]:
     """Annotate every pairs shard that has no final marker yet; returns the phase summary."""
     import ray
 
+    from pipeline.captions_prepass import attach_captions, caption_wave, uses_llm_processor
     from spasem.profiles import NodePaths
 
     start = time.time()
@@ -188,7 +189,14 @@ def run_annotate_phase(cfg: Config, num_shards: int) -> dict[str, Any]:
         if todo:
             ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
             ds = ds.map_batches(load_pairs, fn_kwargs={"store": pairs}, batch_size=1, num_cpus=0.25)
-            ds = annotate_dataset(ds, cfg, names, paths).drop_columns(list(PIXELS))
+            chain = names
+            if uses_llm_processor(cfg, names):  # captions by ray.data.llm first, then the rest per shard
+                answers, per_sample = caption_wave(cfg, pairs, todo)
+                ds = ds.map_batches(attach_captions, batch_size=None, batch_format="numpy", num_cpus=0.25,
+                                    fn_kwargs={"section": cfg.annotate.captions, "answers": answers,
+                                               "seconds_per_sample": per_sample})
+                chain = [name for name in names if name != "captions"]
+            ds = annotate_dataset(ds, cfg, chain, paths).drop_columns(list(PIXELS))
             for row in ds.iter_rows():
                 index = int(row["shard"])
                 grouped[index].append(row)

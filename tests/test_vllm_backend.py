@@ -221,3 +221,55 @@ def test_the_captions_pool_gets_vllms_own_runtime_env_only_with_that_backend():
     assert pool_options(load_config(None, ["annotate.captions.backend=vllm"]), "captions") == {"runtime_env": RUNTIME_ENV}
     assert pool_options(load_config(None, ["annotate.captions.backend=vllm"]), "grounding") == {}
     assert pool_options(load_config(), "captions") == {}
+
+
+def _stand_in_processor(drop_objects_of: str):
+    """A ``ray.data.llm`` processor's stand-in, built at run time so Ray ships it by value: each request
+    row gets an answer naming its prompt's column and its image's height; the objects answer of key
+    ``drop_objects_of`` is lost on the way, as a failed request would be."""
+
+    def build(section, models, model):
+        def answer(row):
+            text = "red car, dogs" if row["answer"] == "objects" else f" {row['answer']}  about {row['image'].shape[0]} px "
+            return {"key": row["key"], "answer": row["answer"], "text": text, "model": model}
+
+        return lambda requests: requests.map(answer).filter(
+            lambda row: not (row["key"] == drop_objects_of and row["answer"] == "objects"))
+
+    return build
+
+
+@pytest.mark.slow
+def test_prepare_captions_through_ray_data_llm(demo_prepared, tiny, tmp_path, monkeypatch):
+    """``annotate.captions.backend=vllm`` in prepare: one ray.data.llm pass per wave asks every sample's
+    prompts about its images; the answers become caption.json with the usual model id; a sample whose
+    answers did not all come back is a reject naming the lost prompt."""
+    import json
+    import shutil
+
+    from pipeline import captions_prepass
+    from pipeline.annotate_phase import stage_ids
+    from pipeline.prepare import main as prepare_main
+    from spasem.shards import decode_png, read_tar
+    from tests.conftest import demo_prepare_args
+
+    first_pairs = read_tar((demo_prepared / "pairs" / "shard-000000.tar").read_bytes())
+    victim = first_pairs[0][0]
+    hr_px, lr_px = (decode_png(first_pairs[0][1][name]).shape[0] for name in ("hr.png", "lr.png"))
+    monkeypatch.setattr(captions_prepass, "build_caption_processor", _stand_in_processor(victim))
+    out = tmp_path / "vllm"
+    shutil.copytree(demo_prepared / "pairs", out / "pairs")
+    sets = ["prepare.phases=[annotate]", "annotate.captions.backend=vllm", "annotate.grounding.enabled=false",
+            "annotate.embeddings.enabled=false", "annotate.encode.enabled=false"]
+    assert prepare_main(demo_prepare_args(out, tiny, *[a for s in sets for a in ("--set", s)])) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rejected_by_reason"].get("captions") == 1
+    samples = {key: members for tar in sorted((out / "shards").glob("shard-*.tar"))
+               for key, members in read_tar(tar.read_bytes())}
+    assert victim not in samples and len(samples) == summary["samples"] > 1
+    model = stage_ids(load_config(), ["captions"])["captions"]
+    for members in samples.values():  # the high prompt about the HR, the quality prompt about the LR
+        assert json.loads(members["caption.json"]) == {
+            "high": f"caption_high about {hr_px} px", "low": f"caption_low about {lr_px} px", "model": model}
+    rejected = [r for m in (out / "shards").glob("shard-*.json") for r in json.loads(m.read_text())["rejected"]]
+    assert any(victim in r["source"] and "no answer for ['objects']" in r["reason"] for r in rejected), rejected
