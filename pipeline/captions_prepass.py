@@ -27,8 +27,8 @@ from spasem.config import Config
 from spasem.config.annotate import CaptionsConfig
 from spasem.storage import Store
 from stages.annotations import AnnotationStage
-from stages.captions import caption_asks, caption_row
-from stages.captions_vllm import build_caption_processor, collect_answers, prompt_rows
+from stages.captions import Captioner, caption_row
+from stages.captions_vllm import asked_names, build_caption_processor, collect_answers, prompt_rows
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class AnsweredCaptions(AnnotationStage):
     def __init__(self, section: CaptionsConfig, answers: dict[str, dict[str, str]]):
         super().__init__(section.batch_size)
         self.cfg, self.answers = section, answers
-        self.names = [name for asks in caption_asks(section, True).values() for name, _ in asks]
+        self.names = asked_names(section)
 
     def process(self, batch: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
         out = []
@@ -84,8 +84,7 @@ class AnsweredCaptions(AnnotationStage):
             out.append(caption_row(got, self.cfg.max_objects))
         return out
 
-    def placeholder(self, batch: dict[str, Any], row: int) -> dict[str, Any]:
-        return {"caption_high": "", "caption_low": "", "objects": []}
+    placeholder = Captioner.placeholder  # the same empty columns as the actor stage
 
 
 def attach_captions(batch: dict[str, np.ndarray], section: CaptionsConfig, answers: dict[str, dict[str, str]],

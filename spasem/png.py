@@ -5,8 +5,8 @@ wrote (adaptive filters, deflate level 1) cost ~11 ms of CPU, more than everythi
 the models together. Two things make it slow: zlib's inflate, and undoing the Paeth filter, which
 runs pixel by pixel. So the writer filters every row with ``Up`` (the byte minus the byte above)
 and deflates at level 1: the files come out the same size as Pillow's (within a few percent on
-photos), and the reader undoes ``Up`` with one ``cumsum`` down the rows and inflates with ISA-L
-(``isal``, 2x zlib's speed; zlib when it is missing). Any other PNG (other filters, modes, bit
+photos), and the reader inflates with ISA-L (``isal``, 2x zlib's speed; zlib when it is missing)
+and undoes ``Up`` with one in-place add per row. Any other PNG (other filters, modes, bit
 depths, interlacing) is decoded by OpenCV's libpng or Pillow, so old shards read as before.
 
 The files are ordinary PNGs (every reader decodes them) and byte-stable: the same pixels give the

@@ -59,12 +59,16 @@ def collect_answers(rows: Sequence[dict[str, Any]], names: Sequence[str], keys: 
     return out
 
 
+def asked_names(section: CaptionsConfig) -> list[str]:
+    """The output columns a sample's answers must fill: one per prompt :func:`caption_asks` asks."""
+    return [name for pairs in caption_asks(section, True).values() for name, _ in pairs]
+
+
 def caption_columns(rows: Sequence[dict[str, Any]], section: CaptionsConfig, keys: Sequence[str]
                     ) -> dict[str, np.ndarray]:
     """Answer rows -> the captions stage's columns for ``keys``, in order: ``caption_high``, ``caption_low``
     (the ``caption.json`` member) and ``objects`` (the phrases the grounding stage queries)."""
-    names = [name for pairs in caption_asks(section, True).values() for name, _ in pairs]
-    answers = collect_answers(rows, names, keys)
+    answers = collect_answers(rows, asked_names(section), keys)
     out = [caption_row(answers[str(key)], section.max_objects) for key in keys]
     return {name: object_array([row[name] for row in out]) for name in ("caption_high", "caption_low", "objects")}
 
