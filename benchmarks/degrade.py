@@ -86,8 +86,8 @@ def run_usm(crops: list[np.ndarray]) -> float:
 
 # the steps of spasem.degrade.chain, by the names it calls them
 STEPS = {"sample_params": "parameters", "usm_sharp": "usm (2 blurs 51 taps + mask/blend)",
-         "resize": "resizes (3)", "add_gaussian_noise": "gaussian noise", "add_poisson_noise": "poisson noise",
-         "jpeg": "jpeg (2 round trips)", "uint8_to_unit": "uint8 -> float", "unit_to_uint8": "float -> uint8"}
+         "interpolate": "resizes (3, F.interpolate)", "add_gaussian_noise": "gaussian noise",
+         "add_poisson_noise": "poisson noise", "jpeg_torch": "jpeg (2 DiffJPEG round trips)", "uint8_to_unit": "uint8 -> float", "unit_to_uint8": "float -> uint8"}
 BLURS = ("blur order 1", "blur order 2", "final sinc")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -14,6 +15,7 @@ from scipy import special, stats
 from spasem.columns import object_array
 from spasem.config import DataConfig, DegradationConfig
 from spasem.degrade.chain import degrade, noise_rng, resynthesize, sample_seed, sharpen, synthesize
+from spasem.degrade.jpeg import diffjpeg, quality_factor
 from spasem.degrade.kernels import KERNEL_KINDS, make_kernel, sinc_kernel
 from spasem.degrade.ops import (
     _banded_filter,
@@ -22,7 +24,9 @@ from spasem.degrade.ops import (
     add_gaussian_noise,
     add_poisson_noise,
     blur,
+    interpolate,
     jpeg,
+    jpeg_torch,
     normal,
     poisson_levels,
     resize,
@@ -141,12 +145,72 @@ def test_noise_strength_and_gray_fields(photo):
 
 
 def test_jpeg_quality_and_resize_sizes(photo):
+    """The ops of records without ``ops`` (OpenCV's resize, libjpeg): kept for old shards."""
     img = photo[:120, :160].astype(np.float32) / 255
     errors = [np.abs(jpeg(img, q) - img).mean() for q in (30, 60, 95)]
     assert errors[0] > errors[1] > errors[2] > 0
     for interp in ("area", "bilinear", "bicubic"):
         assert resize(img, 37, 53, interp).shape == (37, 53, 3)
     assert resize(img, 120, 160, "bicubic") is img  # keep: no resampling at all
+
+
+def test_diffjpeg_equals_basicsr_diffjpeg():
+    """Outputs of BasicSR v1.4.2's own ``DiffJPEG(differentiable=False)`` (basicsr/utils/diffjpeg.py @
+    651835a, batched qualities as the scripts pass them) on a 37x53 photo crop, neither side a multiple
+    of 16, recorded in tests/data/diffjpeg_basicsr.npz."""
+    ref = np.load(Path(__file__).parent / "data" / "diffjpeg_basicsr.npz")
+    img = ref["image"].astype(np.float32) / 255
+    assert img.shape == (37, 53, 3)
+    for quality, expected in zip(ref["qualities"], ref["outputs"], strict=True):
+        ours = diffjpeg(img, float(quality))
+        off = np.abs(ours - expected)
+        # float32 rounding; a coefficient that lands on a rounding boundary may round the other way
+        assert np.median(off) < 1e-6 and np.mean(off > 1e-5) < 0.05 and off.max() < 0.05, (quality, off.max())
+        bgr = jpeg_torch(np.ascontiguousarray(img[..., ::-1]), float(quality))
+        np.testing.assert_allclose(bgr[..., ::-1], ours, atol=1e-5)  # BGR pixels: the matrices reorder
+    # DiffJPEG is not libjpeg: floats off the 8-bit grid, and the zero padding darkens the last rows
+    out = diffjpeg(img, 40.0)
+    assert np.mean(np.abs(out * 255 - np.round(out * 255)) > 1e-3) > 0.5
+    assert not np.allclose(out, jpeg(img[..., ::-1], 40)[..., ::-1], atol=0.02)
+
+
+def test_diffjpeg_quality_factor_is_basicsrs():
+    assert quality_factor(50) == pytest.approx(1.0) and quality_factor(75) == pytest.approx(0.5)
+    assert quality_factor(25) == pytest.approx(2.0) and quality_factor(30.5) == pytest.approx(5000 / 30.5 / 100)
+    for bad in (0, -3, 100, 120):  # at 100 every table entry is zero: DiffJPEG would divide by zero
+        with pytest.raises(ValueError, match="JPEG quality"):
+            quality_factor(bad)
+
+
+def test_interpolate_equals_torch_f_interpolate():
+    """Every mode, by a size and by a scale (the first order's call), against torch's own op."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(0)
+    for trial in range(90):
+        h, w = (int(v) for v in rng.integers(9, 200, 2))
+        img = rng.random((h, w, 3), dtype=np.float32)
+        mode = ("area", "bilinear", "bicubic")[trial % 3]
+        extra = {} if mode == "area" else {"align_corners": False}
+        pixels = torch.from_numpy(img).permute(2, 0, 1)[None]
+        if trial % 2:
+            s = float(rng.uniform(0.15, 1.5))
+            expected, ours = F.interpolate(pixels, scale_factor=s, mode=mode, **extra), interpolate(img, mode, scale=s)
+        else:
+            size = tuple(int(v) for v in rng.integers(5, 260, 2))
+            expected, ours = F.interpolate(pixels, size=size, mode=mode, **extra), interpolate(img, mode, size=size)
+        expected = expected[0].permute(1, 2, 0).numpy()
+        assert ours.shape == expected.shape, (mode, h, w, trial)
+        # float32 source coordinates computed in another order: ~1e-5 at most, far below a grey level
+        np.testing.assert_allclose(ours, expected, atol=6e-5, err_msg=f"{mode} {h}x{w} trial {trial}")
+    img = rng.random((40, 30, 3), dtype=np.float32)
+    assert interpolate(img, "bicubic", scale=1.0) is img and interpolate(img, "area", size=(40, 30)) is img
+    # the scale call differs from resizing to the same size: it maps by 1 / scale, not by the size ratio
+    s = 0.151
+    by_scale, by_size = interpolate(img, "bilinear", scale=s), interpolate(img, "bilinear", size=(6, 4))
+    assert by_scale.shape == by_size.shape == (6, 4, 3) and not np.allclose(by_scale, by_size, atol=1e-3)
+    with pytest.raises(ValueError, match="a size or a scale"):
+        interpolate(img, "area")
 
 
 def test_gaussian_draws_follow_the_normal_law():

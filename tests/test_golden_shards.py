@@ -3,8 +3,10 @@
 ``tests/data/demo_shards.sha256`` holds the sha256 of every pairs and final shard that
 ``python -m pipeline.prepare`` wrote on the bundled sample photos with the tiny profile (the session's
 ``demo_prepared`` run, which tests/test_annotate.py also reads). First recorded before the layout move
-(issue 11); re-recorded once, when the PNG writer changed (spasem/png.py: every PNG decodes to the
-same pixels as before, every other member stayed byte-identical). A refactor that changes a byte of a
+(issue 11); re-recorded when the PNG writer changed (spasem/png.py: every PNG decodes to the
+same pixels as before, every other member stayed byte-identical), and when the degradations took the
+papers' torch ops (``ops: torch`` in the record: F.interpolate's mapping and area mode, BasicSR's DiffJPEG
+at a float quality), which changed every LR and record. A refactor that changes a byte of a
 shard fails here; a change meant to alter shards (a new preset default, another grounding image)
 updates the table and says why in its commit.
 """

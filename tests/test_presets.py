@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,7 +13,14 @@ import skimage.data
 
 from spasem.degrade.chain import degrade, noise_rng, resynthesize
 from spasem.degrade.kernels import KERNEL_KINDS
-from spasem.degrade.params import PRESETS, RECORD_FIELDS, DegradationParams, UsmParams, sample_params
+from spasem.degrade.params import (
+    PRESETS,
+    RECORD_FIELDS,
+    DegradationParams,
+    JpegParams,
+    UsmParams,
+    sample_params,
+)
 
 KERNEL_FIELDS = {"kind", "size", "sigma", "rotation", "beta", "omega"}
 
@@ -110,7 +118,10 @@ def test_sampled_parameters_stay_in_the_published_ranges(name):
                 assert order.poisson_scale_range[0] <= noise.scale <= order.poisson_scale_range[1]
             seen[noise.kind] += 1
             seen[f"gray={noise.gray}"] += 1
-            assert isinstance(jpeg_q, int) and order.jpeg_range[0] <= jpeg_q <= order.jpeg_range[1]
+            # a float, as the scripts' uniform_(*jpeg_range) draws it for DiffJPEG
+            assert isinstance(jpeg_q, float) and order.jpeg_range[0] <= jpeg_q < order.jpeg_range[1]
+            seen[f"jpeg{k}"] += jpeg_q
+            seen[f"jpeg_int{k}"] += jpeg_q == int(jpeg_q)
         seen[p.final.order] += 1
         if p.final.sinc is None:
             seen["final_sinc_skipped"] += 1
@@ -136,6 +147,10 @@ def test_sampled_parameters_stay_in_the_published_ranges(name):
         assert abs(seen[f"gaussian{k}"] / n - order.gaussian_noise_prob) < 0.03
     for interp in ("area", "bilinear", "bicubic"):  # resize1, resize2, final: uniform over three modes
         assert abs(seen[interp] / (2 * n) - 1 / 3) < 0.03
+    for k, order in ((1, preset.first), (2, preset.second)):  # uniform over the range, not integers
+        lo, hi = order.jpeg_range
+        assert abs(seen[f"jpeg{k}"] / n - (lo + hi) / 2) < 0.05 * (hi - lo), (k, seen[f"jpeg{k}"] / n)
+        assert seen[f"jpeg_int{k}"] == 0
 
 
 def test_record_uses_design_field_names_and_plain_json_types():
@@ -153,23 +168,32 @@ def test_record_uses_design_field_names_and_plain_json_types():
         assert set(rec["jpeg1"]) == set(rec["jpeg_final"]) == {"quality"}
         assert set(rec["final"]) == {"order", "sinc", "interp"}
         assert rec["usm"] == {"weight": 0.5, "radius": 50, "threshold": 10.0}
+        assert rec["ops"] == "torch"
         assert json.loads(json.dumps(rec)) == rec  # plain types only: no numpy scalars, no tuples
         assert DegradationParams.from_record(json.loads(json.dumps(rec))).to_record() == rec
     assert any(r["blur2"] is None for r in records) and any(r["final"]["sinc"] is None for r in records)
     with pytest.raises(ValueError, match="extra"):
         DegradationParams.from_record({**records[0], "blur3": None})
+    with pytest.raises(ValueError, match="unknown degradation ops 'pil'"):
+        DegradationParams.from_record({**records[0], "ops": "pil"})
 
 
 def test_records_of_shards_made_before_sharpening_still_load(photo):
-    """Old shards have no ``usm`` (and their ``xpsr`` was the milder set): they still re-synthesize."""
+    """Old shards have no ``usm`` (and their ``xpsr`` was the milder set) and no ``ops`` (OpenCV's
+    resize, libjpeg at an integer quality): they still re-synthesize, with the ops they were made with."""
     hr = np.ascontiguousarray(photo[:128, :128])
     params = sample_params("stablesr", np.random.default_rng(4), usm=False)
+    params = replace(params, ops="opencv", jpeg1=JpegParams(quality=round(params.jpeg1.quality)),
+                     jpeg_final=JpegParams(quality=round(params.jpeg_final.quality)))
     old = params.to_record()
-    del old["usm"]
+    del old["usm"], old["ops"]
     old["preset"] = "xpsr"
     back = DegradationParams.from_record(old)
-    assert back.usm is None and back.blur1 == params.blur1 and back.jpeg_final == params.jpeg_final
+    assert back.usm is None and back.ops == "opencv"
+    assert back.blur1 == params.blur1 and back.jpeg_final == params.jpeg_final
     lr = degrade(hr, params, noise_rng(9), 4)
     assert np.array_equal(resynthesize(hr, old, 9, 4), lr)
+    # the torch ops give another LR from the same parameters: the record must say which made it
+    assert not np.array_equal(degrade(hr, replace(params, ops="torch"), noise_rng(9), 4), lr)
 
 

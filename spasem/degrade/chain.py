@@ -24,7 +24,9 @@ from spasem.degrade.ops import (
     add_gaussian_noise,
     add_poisson_noise,
     blur,
+    interpolate,
     jpeg,
+    jpeg_torch,
     resize,
     uint8_to_unit,
     unit_to_uint8,
@@ -62,6 +64,10 @@ def _noise(img: np.ndarray, params: Any, rng: np.random.Generator) -> np.ndarray
     raise ValueError(f"unknown noise kind {params.kind!r}; expected gaussian or poisson")
 
 
+def _interpolate_to(img: np.ndarray, height: int, width: int, interp: str) -> np.ndarray:
+    return interpolate(img, interp, size=(height, width))
+
+
 def degrade(hr: np.ndarray, params: DegradationParams, rng: np.random.Generator, scale: int) -> np.ndarray:
     """The second-order degradation of BasicSR's ``RealESRGANModel.feed_data`` on one RGB uint8 image.
 
@@ -74,25 +80,36 @@ def degrade(hr: np.ndarray, params: DegradationParams, rng: np.random.Generator,
     lr_h, lr_w = h // scale, w // scale
     if lr_h < 1 or lr_w < 1:
         raise ValueError(f"image {w}x{h} is smaller than the scale factor {scale}")
+    # a record's ``ops``: "torch", the scripts' F.interpolate and BasicSR's DiffJPEG; "opencv", OpenCV's
+    # resize and libjpeg, what records without ``ops`` were made with
+    if params.ops == "torch":
+        resize_to, compress = _interpolate_to, jpeg_torch
+    elif params.ops == "opencv":
+        resize_to, compress = resize, jpeg
+    else:
+        raise ValueError(f"unknown degradation ops {params.ops!r}")
     out = uint8_to_unit(cv2.cvtColor(hr, cv2.COLOR_RGB2BGR))  # the channel order of spasem.degrade.ops
     # first order: blur, resize relative to the HR size, noise, JPEG
     out = _blur(out, params.blur1)
     s1 = params.resize1.scale
-    out = resize(out, int(h * s1), int(w * s1), params.resize1.interp)
+    if params.ops == "torch":  # F.interpolate(scale_factor=s1): floor(h * s1), mapped by 1 / s1
+        out = interpolate(out, params.resize1.interp, scale=s1)
+    else:
+        out = resize(out, int(h * s1), int(w * s1), params.resize1.interp)
     out = _noise(out, params.noise1, rng)
-    out = jpeg(out, params.jpeg1.quality, clipped=True)  # the noise step clipped it
+    out = compress(out, params.jpeg1.quality, clipped=True)  # the noise step clipped it
     # second order: the resize is relative to the target LR size, as in BasicSR
     out = _blur(out, params.blur2)
     s2 = params.resize2.scale
-    out = resize(out, int(h / scale * s2), int(w / scale * s2), params.resize2.interp)
+    out = resize_to(out, int(h / scale * s2), int(w / scale * s2), params.resize2.interp)
     out = _noise(out, params.noise2, rng)
     final = params.final
     if final.order == "resize_sinc_jpeg":
-        out = _blur(resize(out, lr_h, lr_w, final.interp), final.sinc)
-        out = jpeg(out, params.jpeg_final.quality)
+        out = _blur(resize_to(out, lr_h, lr_w, final.interp), final.sinc)
+        out = compress(out, params.jpeg_final.quality)
     elif final.order == "jpeg_resize_sinc":
-        out = jpeg(out, params.jpeg_final.quality, clipped=True)
-        out = _blur(resize(out, lr_h, lr_w, final.interp), final.sinc)
+        out = compress(out, params.jpeg_final.quality, clipped=True)
+        out = _blur(resize_to(out, lr_h, lr_w, final.interp), final.sinc)
     else:
         raise ValueError(f"unknown final order {final.order!r}")
     return cv2.cvtColor(unit_to_uint8(out), cv2.COLOR_BGR2RGB)

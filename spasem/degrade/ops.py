@@ -1,10 +1,14 @@
 """Image operations of the Real-ESRGAN degradation on float32 HxWx3 images in [0, 1].
 
-Pure functions of (image, explicit parameters, ``np.random.Generator``), mirroring BasicSR's
-``filter2D`` (reflect padding), ``F.interpolate`` (area / bilinear / bicubic), Gaussian and Poisson
-noise (colour or gray) and JPEG, with OpenCV doing the pixel work single-threaded. Images are in
-OpenCV's BGR channel order, as in BasicSR's numpy path: libjpeg and the gray (luma) noise need to
-know which channel is which, and working in BGR saves a colour conversion per JPEG.
+Pure functions of (image, explicit parameters, ``np.random.Generator``), mirroring the torch ops the
+papers' data scripts run: BasicSR's ``filter2D`` (reflect padding), ``F.interpolate`` (area /
+bilinear / bicubic, :func:`interpolate`), Gaussian and Poisson noise (colour or
+gray) and BasicSR's ``DiffJPEG`` (:func:`diffjpeg`, ``spasem/degrade/jpeg.py``), with OpenCV and
+numpy doing the pixel work single-threaded. Images are in OpenCV's BGR channel order: the JPEG's
+colour matrix and the gray (luma) noise need to know which channel is which.
+
+:func:`resize` and :func:`jpeg` (OpenCV's resize, libjpeg at an integer quality) are what shards
+made before the torch ops used (records without ``ops``); they stay so those LRs re-synthesize.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from functools import lru_cache
 import cv2
 import numpy as np
 from scipy import special
+
+from spasem.degrade.banded import matmul_rows, row_blocks
+from spasem.degrade.jpeg import diffjpeg
 
 INTERP_FLAGS = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
 _BORDER = cv2.BORDER_REFLECT_101  # what torch's F.pad(mode="reflect") in BasicSR's filter2D does
@@ -183,6 +190,52 @@ def resize(img: np.ndarray, height: int, width: int, interp: str) -> np.ndarray:
     return cv2.resize(img, (width, height), interpolation=INTERP_FLAGS[interp])
 
 
+def _adaptive_mean_rows(img: np.ndarray, size: int) -> np.ndarray:
+    """``adaptive_avg_pool`` along axis 0: output ``i`` is the mean of inputs floor(i n / size) .. ceil((i + 1) n / size) - 1."""
+    n = img.shape[0]
+    i = np.arange(size)
+    start, end = (i * n) // size, -((-(i + 1) * n) // size)
+    count = end - start
+    taps = start[:, None] + np.arange(int(count.max()))[None, :]
+    inside = taps < end[:, None]
+    matrix = np.zeros((size, n), np.float32)
+    matrix[np.broadcast_to(i[:, None], taps.shape)[inside], taps[inside]] = np.repeat(
+        np.float32(1.0) / count.astype(np.float32), count)
+    return matmul_rows(matrix, row_blocks(matrix), np.ascontiguousarray(img))
+
+
+def interpolate(img: np.ndarray, interp: str, size: tuple[int, int] | None = None,
+                scale: float | None = None) -> np.ndarray:
+    """torch's ``F.interpolate`` of an HxWx3 float32 image, to ``size`` (height, width) or by ``scale``.
+
+    What the data scripts call, done by OpenCV and numpy (torch's CPU kernels take 5-15x longer);
+    ``tests/test_degrade.py`` holds it to torch's own op. The two calls differ: by ``scale_factor``
+    (the first order's resize) the output is ``floor(size * scale)`` and the source coordinates are
+    ``(x + 0.5) / scale - 0.5``, whatever the floor cut off, where a resize to a size maps by the
+    ratio of the sizes. OpenCV's ``fx``/``fy`` resize maps the same way (its size rounds instead of
+    flooring: the extra row or column is cut). ``area`` is ``adaptive_avg_pool2d`` (whole-pixel
+    bins), not OpenCV's ``INTER_AREA``.
+    """
+    if interp not in INTERP_FLAGS:
+        raise ValueError(f"unknown interpolation {interp!r}; expected one of {', '.join(INTERP_FLAGS)}")
+    if (size is None) == (scale is None):
+        raise ValueError("interpolate takes a size or a scale, not both")
+    h, w = img.shape[:2]
+    if size is None:  # torch: floor(float(size) * scale)
+        height, width = math.floor(h * scale), math.floor(w * scale)
+    else:
+        height, width = int(size[0]), int(size[1])
+    height, width = max(1, height), max(1, width)
+    if scale == 1.0 or (height, width) == (h, w):
+        return img  # the identity in every mode: no resampling at all
+    if interp == "area":
+        return cv2.transpose(_adaptive_mean_rows(cv2.transpose(_adaptive_mean_rows(img, height)), width))
+    if size is not None:
+        return cv2.resize(img, (width, height), interpolation=INTERP_FLAGS[interp])
+    out = cv2.resize(img, None, fx=scale, fy=scale, interpolation=INTERP_FLAGS[interp])
+    return out[:height, :width] if out.shape[:2] != (height, width) else out
+
+
 # ------------------------------------------------------------------------------------------ noise
 
 
@@ -284,6 +337,13 @@ def add_poisson_noise(img: np.ndarray, scale: float, gray: bool, rng: np.random.
 
 
 # ------------------------------------------------------------------------------------------- JPEG
+
+
+def jpeg_torch(img: np.ndarray, quality: float, clipped: bool = False) -> np.ndarray:
+    """BasicSR's ``DiffJPEG`` of a BGR image at a float ``quality`` (clamped to [0, 1] first, as the scripts)."""
+    if not clipped:
+        img = np.clip(img, 0.0, 1.0)
+    return diffjpeg(img, quality, bgr=True)
 
 
 def jpeg(img: np.ndarray, quality: int, clipped: bool = False) -> np.ndarray:

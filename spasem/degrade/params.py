@@ -22,7 +22,12 @@ INTERPOLATIONS = ("area", "bilinear", "bicubic")
 FINAL_ORDERS = ("resize_sinc_jpeg", "jpeg_resize_sinc")
 RECORD_FIELDS = (
     "preset", "blur1", "resize1", "noise1", "jpeg1", "blur2", "resize2", "noise2", "final", "jpeg_final", "usm",
+    "ops",
 )
+# what the resizes and the JPEG are: "torch", the papers' ops (F.interpolate, BasicSR's DiffJPEG at a
+# float quality); "opencv", what shards made before them used (cv2.resize, libjpeg at an integer
+# quality), the meaning of a record without ``ops``
+OPS = ("torch", "opencv")
 
 
 @dataclass(frozen=True)
@@ -138,9 +143,9 @@ class NoiseParams:
 
 @dataclass(frozen=True)
 class JpegParams:
-    """libjpeg quality, an integer as libjpeg takes it."""
+    """JPEG quality: a float in the jpeg range for DiffJPEG (``ops`` torch), an integer for libjpeg."""
 
-    quality: int
+    quality: float
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,7 @@ class DegradationParams:
     final: FinalParams
     jpeg_final: JpegParams
     usm: UsmParams | None = None  # how the stored HR was sharpened from the crop; None: not at all
+    ops: str = "opencv"  # one of OPS; sample_params draws for "torch"
 
     def to_record(self) -> dict[str, Any]:
         """The JSON-ready record of DESIGN.md (plain floats/ints/bools/str/None)."""
@@ -178,16 +184,20 @@ class DegradationParams:
 
         A record without ``usm`` comes from shards made before sharpening existed: their HR was not
         sharpened (and their ``xpsr`` meant the set now called ``stablesr``; every parameter is in the
-        record, so they re-synthesize all the same). Other unknown or missing fields are errors: a
+        record, so they re-synthesize all the same). A record without ``ops`` comes from shards made
+        with OpenCV's resize and libjpeg ("opencv"). Other unknown or missing fields are errors: a
         field this code does not know may change the LR, so it cannot rebuild it.
         """
         extra = sorted(set(record) - set(RECORD_FIELDS))
-        missing = sorted(set(RECORD_FIELDS) - set(record) - {"usm"})
+        missing = sorted(set(RECORD_FIELDS) - set(record) - {"usm", "ops"})
         if extra or missing:
             raise ValueError(f"degradation record fields differ from DESIGN.md: extra {extra}, missing {missing}; "
                              "a record written by a newer version needs that version to re-synthesize it")
         if record["preset"] not in PRESETS:
             raise ValueError(f"unknown degradation preset {record['preset']!r}; expected one of {sorted(PRESETS)}")
+        ops = record.get("ops", "opencv")
+        if ops not in OPS:
+            raise ValueError(f"unknown degradation ops {ops!r}; expected one of {list(OPS)}")
         final = dict(record["final"])
         final["sinc"] = _kernel_from(final.get("sinc"))
         return cls(
@@ -202,6 +212,7 @@ class DegradationParams:
             final=FinalParams(**final),
             jpeg_final=JpegParams(**record["jpeg_final"]),
             usm=UsmParams(**record["usm"]) if record.get("usm") is not None else None,
+            ops=ops,
         )
 
 
@@ -294,8 +305,8 @@ def sample_noise(rng: np.random.Generator, order: OrderParams) -> NoiseParams:
 
 
 def sample_jpeg(rng: np.random.Generator, jpeg_range: tuple[int, int]) -> JpegParams:
-    # libjpeg takes an integer quality, so draw integers over the closed range
-    return JpegParams(quality=int(rng.integers(jpeg_range[0], jpeg_range[1] + 1)))
+    # the scripts draw a float: ``out.new_zeros(b).uniform_(*jpeg_range)``, in [low, high)
+    return JpegParams(quality=_uniform(rng, *jpeg_range))
 
 
 def preset_usm(preset: str, usm: bool | None = None) -> UsmParams | None:
@@ -327,5 +338,5 @@ def sample_params(preset: str, rng: np.random.Generator, usm: bool | None = None
     return DegradationParams(
         preset=preset, blur1=blur1, resize1=resize1, noise1=noise1, jpeg1=jpeg1, blur2=blur2,
         resize2=resize2, noise2=noise2, final=final, jpeg_final=sample_jpeg(rng, second.jpeg_range),
-        usm=preset_usm(preset, usm),
+        usm=preset_usm(preset, usm), ops="torch",
     )

@@ -20,7 +20,7 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-_BLOCK = 32  # output rows per product: small enough to skip most zeros, large enough for BLAS to run fast
+from spasem.degrade.banded import Blocks, matmul_rows, row_blocks
 
 
 def reflect_101(index: np.ndarray, size: int) -> np.ndarray:
@@ -33,7 +33,7 @@ def reflect_101(index: np.ndarray, size: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=8)
-def _band(size: int, radius: int) -> tuple[np.ndarray, tuple[tuple[int, int, int, int], ...]]:
+def _band(size: int, radius: int) -> tuple[np.ndarray, Blocks]:
     """The ``size x size`` matrix of the blur along one axis, and its row blocks (r0, r1, lo, hi).
 
     Row ``i`` holds the taps ``cv2.getGaussianKernel(radius, 0)`` around column ``i``, taps that fall
@@ -48,23 +48,13 @@ def _band(size: int, radius: int) -> tuple[np.ndarray, tuple[tuple[int, int, int
     np.add.at(matrix, (rows, cols), np.tile(taps, size))
     matrix = matrix.astype(np.float32)
     matrix.flags.writeable = False
-    blocks = []
-    for r0 in range(0, size, _BLOCK):
-        r1 = min(size, r0 + _BLOCK)
-        used = np.flatnonzero(matrix[r0:r1].any(axis=0))
-        blocks.append((r0, r1, int(used[0]), int(used[-1]) + 1))
-    return matrix, tuple(blocks)
+    return matrix, row_blocks(matrix)
 
 
 def _blur_rows(img: np.ndarray, radius: int, out: np.ndarray | None = None) -> np.ndarray:
     """The Gaussian along axis 0 of a C-contiguous float32 ``(A, B, C)`` image (reflect-101 borders)."""
     matrix, blocks = _band(img.shape[0], radius)
-    flat = img.reshape(img.shape[0], -1)
-    out = np.empty_like(img) if out is None else out
-    flat_out = out.reshape(flat.shape)
-    for r0, r1, lo, hi in blocks:
-        np.matmul(matrix[r0:r1, lo:hi], flat[lo:hi], out=flat_out[r0:r1])
-    return out
+    return matmul_rows(matrix, blocks, img, out)
 
 
 def gaussian_blur_transposed(img_t: np.ndarray, radius: int, out: np.ndarray | None = None) -> np.ndarray:
