@@ -41,6 +41,8 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 def encode_png(image: np.ndarray) -> bytes:
     """An 8-bit RGB or gray ``uint8`` image -> PNG bytes, every row ``Up``-filtered, deflate level 1."""
     image = np.asarray(image)
+    if image.size == 0:  # PNG has no empty images: no reader would open the file
+        raise ValueError(f"cannot write an empty image as PNG (shape {image.shape})")
     if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
         buf = io.BytesIO()  # anything else (alpha, 16 bit) as Pillow writes it
         Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", compress_level=_LEVEL)
@@ -57,7 +59,7 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def _fast_decode(data: bytes) -> np.ndarray | None:
-    """The pixels of an 8-bit RGB, non-interlaced PNG whose rows are all ``Up`` or unfiltered, else None.
+    """The pixels of an 8-bit RGB, non-interlaced PNG whose rows are ``Up`` or unfiltered, else None.
 
     None also for anything odd about the file (a short chunk, a bad header CRC): the general decoders
     then read it and say what is wrong.
@@ -91,14 +93,15 @@ def _fast_decode(data: bytes) -> np.ndarray | None:
     rows = np.frombuffer(raw, np.uint8).reshape(height, stride)
     filters = rows[:, 0]
     if filters.any():
-        if not (filters == _UP).all():
-            return None  # Sub, Average, Paeth or a mix: libpng undoes them faster than numpy can
+        if ((filters != 0) & (filters != _UP)).any():
+            return None  # Sub, Average or Paeth: libpng undoes them faster than numpy can
         rows = rows.copy()  # undone in place, row by row: 3x faster than np.cumsum along axis 0
         add, views = np.add, list(rows[:, 1:])
-        for above, row in zip(views[:-1], views[1:], strict=True):
-            add(above, row, out=row)  # uint8 wraps mod 256: undoes Up exactly
-    pixels = np.ascontiguousarray(rows[:, 1:])
-    return pixels.reshape(height, width, 3)
+        for i in (filters[1:] == _UP).nonzero()[0].tolist():  # an Up first row adds zeros: nothing to undo
+            add(views[i], views[i + 1], out=views[i + 1])  # uint8 wraps mod 256: undoes Up exactly
+    # a copy unless the rows were undone in place: a view would be read-only (the inflated bytes)
+    pixels = rows[:, 1:] if rows.flags.writeable else rows[:, 1:].copy()
+    return np.ascontiguousarray(pixels).reshape(height, width, 3)
 
 
 def decode_png(data: bytes) -> np.ndarray:

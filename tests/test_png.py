@@ -79,10 +79,35 @@ def _png_with_rows(image: np.ndarray, filters: list[int], tail: bytes = b"") -> 
                      png._chunk(b"IDAT", zlib.compress(b"".join(rows) + tail)), png._chunk(b"IEND", b"")))
 
 
-def test_unfiltered_and_mixed_filter_rows_decode_exactly():
+def test_unfiltered_and_mixed_filter_rows_decode_exactly(monkeypatch):
     image = np.random.default_rng(3).integers(0, 256, (6, 5, 3), np.uint8)
-    np.testing.assert_array_equal(decode_png(_png_with_rows(image, [0] * 6)), image)
-    np.testing.assert_array_equal(decode_png(_png_with_rows(image, [0, 2, 1, 2, 0, 1])), image)
+    np.testing.assert_array_equal(decode_png(_png_with_rows(image, [0, 2, 1, 2, 0, 1])), image)  # libpng
+    with monkeypatch.context() as patch:  # no filter, or only None and Up: the fast path, writable pixels
+        _no_general_decoder(patch)
+        for shape, filters in (((6, 5, 3), [0] * 6), ((6, 5, 3), [0, 2, 2, 0, 2, 0]), ((1, 5, 3), [0]),
+                               ((1, 5, 3), [2]), ((4, 1, 3), [0] * 4)):
+            part = np.ascontiguousarray(image[: shape[0], : shape[1]])
+            pixels = decode_png(_png_with_rows(part, filters))
+            np.testing.assert_array_equal(pixels, part)
+            assert pixels.flags.writeable and pixels.flags.c_contiguous, (shape, filters)
+            pixels[0, 0] = 0  # callers may write into what they decode
+
+
+def test_empty_images_are_refused_not_written():
+    for shape in ((0, 5, 3), (5, 0, 3), (0, 0), (0, 7)):
+        with pytest.raises(ValueError, match="empty image"):
+            encode_png(np.zeros(shape, np.uint8))
+
+
+def test_several_idat_chunks_take_the_fast_path(monkeypatch):
+    image = np.random.default_rng(5).integers(0, 256, (20, 9, 3), np.uint8)
+    data = encode_png(image)
+    idat = data.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", data[idat : idat + 4])
+    stream = data[idat + 8 : idat + 8 + length]
+    split = b"".join(png._chunk(b"IDAT", stream[i : i + 50]) for i in range(0, len(stream), 50))
+    _no_general_decoder(monkeypatch)
+    np.testing.assert_array_equal(decode_png(data[:idat] + split + data[idat + 12 + length :]), image)
 
 
 def test_broken_files_raise_instead_of_returning_wrong_pixels():
