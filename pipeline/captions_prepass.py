@@ -25,6 +25,7 @@ import numpy as np
 
 from spasem.config import Config
 from spasem.config.annotate import CaptionsConfig
+from spasem.profiles import resolve_models
 from spasem.storage import Store
 from stages.annotations import AnnotationStage
 from stages.captions import Captioner, caption_row
@@ -56,8 +57,10 @@ def caption_wave(cfg: Config, pairs: Store, shards: list[int], build: Callable |
     start = time.time()
     requests = ray.data.from_items([{"shard": i} for i in shards], override_num_blocks=len(shards))
     requests = requests.flat_map(_requests, fn_kwargs={"store": pairs, "section": section}, num_cpus=0.25)
-    # the model as configured (a hub id, or a path every node has): the engines resolve it themselves
-    answers = build(section, cfg.models, cfg.models.llava)(requests).select_columns(["key", "answer", "text"])
+    # the model the markers name (model_id): the configured hub id or path, or the tiny profile's LLaVA
+    # built here (a path on this node: the engines must run on it, or share models.cache_dir)
+    model = resolve_models(cfg.models, ("llava",))["llava"]
+    answers = build(section, cfg.models, model)(requests).select_columns(["key", "answer", "text"])
     found = collect_answers(list(answers.iter_rows()), names=())
     samples = max(1, len(found))
     log.info("captions by ray.data.llm: %d samples of %d shards in %.1f s", len(found), len(shards), time.time() - start)

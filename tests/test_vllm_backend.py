@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,12 +224,14 @@ def test_the_captions_pool_gets_vllms_own_runtime_env_only_with_that_backend():
     assert pool_options(load_config(), "captions") == {}
 
 
-def _stand_in_processor(drop_objects_of: str):
+def _stand_in_processor(drop_objects_of: str, built_with: list[str]):
     """A ``ray.data.llm`` processor's stand-in, built at run time so Ray ships it by value: each request
     row gets an answer naming its prompt's column and its image's height; the objects answer of key
-    ``drop_objects_of`` is lost on the way, as a failed request would be."""
+    ``drop_objects_of`` is lost on the way, as a failed request would be. ``built_with`` collects the
+    model source each build was given (on the driver)."""
 
     def build(section, models, model):
+        built_with.append(model)
         def answer(row):
             text = "red car, dogs" if row["answer"] == "objects" else f" {row['answer']}  about {row['image'].shape[0]} px "
             return {"key": row["key"], "answer": row["answer"], "text": text, "model": model}
@@ -256,7 +259,8 @@ def test_prepare_captions_through_ray_data_llm(demo_prepared, tiny, tmp_path, mo
     first_pairs = read_tar((demo_prepared / "pairs" / "shard-000000.tar").read_bytes())
     victim = first_pairs[0][0]
     hr_px, lr_px = (decode_png(first_pairs[0][1][name]).shape[0] for name in ("hr.png", "lr.png"))
-    monkeypatch.setattr(captions_prepass, "build_caption_processor", _stand_in_processor(victim))
+    built_with: list[str] = []
+    monkeypatch.setattr(captions_prepass, "build_caption_processor", _stand_in_processor(victim, built_with))
     out = tmp_path / "vllm"
     shutil.copytree(demo_prepared / "pairs", out / "pairs")
     sets = ["prepare.phases=[annotate]", "annotate.captions.backend=vllm", "annotate.grounding.enabled=false",
@@ -273,3 +277,8 @@ def test_prepare_captions_through_ray_data_llm(demo_prepared, tiny, tmp_path, mo
             "high": f"caption_high about {hr_px} px", "low": f"caption_low about {lr_px} px", "model": model}
     rejected = [r for m in (out / "shards").glob("shard-*.json") for r in json.loads(m.read_text())["rejected"]]
     assert any(victim in r["source"] and "no answer for ['objects']" in r["reason"] for r in rejected), rejected
+    # the engines load the model the markers name: the tiny profile's LLaVA, not the configured hub id
+    from spasem.profiles import ensure_tiny
+
+    llava = ensure_tiny(Path(tiny["sd"]).parents[1], ("llava",))["llava"]
+    assert built_with and {str(Path(m).resolve()) for m in built_with} == {str(Path(llava).resolve())}
