@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -27,8 +28,9 @@ from spasem.config import Config
 from spasem.config.annotate import CaptionsConfig
 from spasem.profiles import resolve_models
 from spasem.storage import Store
+from spasem.vlm.vllm_backend import chat_prompt
 from stages.annotations import AnnotationStage
-from stages.captions import Captioner, caption_row
+from stages.captions import Captioner, caption_asks, caption_row
 from stages.captions_vllm import asked_names, build_caption_processor, collect_answers, prompt_rows
 
 log = logging.getLogger(__name__)
@@ -39,11 +41,27 @@ def uses_llm_processor(cfg: Config, names: list[str]) -> bool:
     return "captions" in names and cfg.annotate.captions.backend == "vllm"
 
 
-def _requests(row: dict[str, Any], store: Store, section: CaptionsConfig) -> list[dict[str, Any]]:
+def _requests(row: dict[str, Any], store: Store, section: CaptionsConfig, texts: dict[str, str]
+              ) -> list[dict[str, Any]]:
     """The request rows of one pairs shard (its images decoded here, in a Ray task)."""
     from pipeline.annotate_phase import load_pairs
 
-    return prompt_rows(load_pairs({"shard": np.asarray([row["shard"]])}, store), section)
+    return prompt_rows(load_pairs({"shard": np.asarray([row["shard"]])}, store), section, texts.__getitem__)
+
+
+@lru_cache(maxsize=4)
+def rendered_prompts(model: str, prompts: tuple[str, ...]) -> dict[str, str]:
+    """Each prompt as the engine receives it: through the checkpoint's chat template (its processor's
+    files, read once on the driver), or LLaVA-1.5's format when the driver cannot read them."""
+    try:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(model)
+    except Exception as exc:  # noqa: BLE001 - e.g. a hub id this machine cannot reach
+        log.warning("captions by ray.data.llm: no processor for %s here (%s); prompts in LLaVA-1.5's format",
+                    model, exc)
+        processor = None
+    return {prompt: chat_prompt(prompt, processor) for prompt in prompts}
 
 
 def caption_wave(cfg: Config, pairs: Store, shards: list[int], build: Callable | None = None
@@ -56,10 +74,13 @@ def caption_wave(cfg: Config, pairs: Store, shards: list[int], build: Callable |
     section = cfg.annotate.captions
     start = time.time()
     requests = ray.data.from_items([{"shard": i} for i in shards], override_num_blocks=len(shards))
-    requests = requests.flat_map(_requests, fn_kwargs={"store": pairs, "section": section}, num_cpus=0.25)
     # the model the markers name (model_id): the configured hub id or path, or the tiny profile's LLaVA
     # built here (a path on this node: the engines must run on it, or share models.cache_dir)
     model = resolve_models(cfg.models, ("llava",))["llava"]
+    prompts = tuple(dict.fromkeys(p for pairs in caption_asks(section, True).values() for _, p in pairs))
+    texts = rendered_prompts(model, prompts)
+    requests = requests.flat_map(_requests, fn_kwargs={"store": pairs, "section": section, "texts": texts},
+                                 num_cpus=0.25)
     answers = build(section, cfg.models, model)(requests).select_columns(["key", "answer", "text"])
     found = collect_answers(list(answers.iter_rows()), names=())
     samples = max(1, len(found))

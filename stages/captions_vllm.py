@@ -30,7 +30,8 @@ from stages.captions import caption_asks, caption_row
 def prompt_rows(batch: dict[str, Any], section: CaptionsConfig, render: Callable[[str], str] = chat_prompt
                 ) -> list[dict[str, Any]]:
     """One request row per (row, prompt) of a batch with ``key``, ``lr`` and maybe ``hr``: ``key``, ``answer``
-    (the output column), ``prompt`` (through ``render``: the checkpoint's chat template) and ``image``.
+    (the output column), ``prompt`` (through ``render``; the default is LLaVA-1.5's format, prepare
+    passes the texts its checkpoint's chat template renders) and ``image``.
 
     The prompts and their images are :func:`stages.captions.caption_asks`' (the two XPSR prompts on the
     images ``high_on`` / ``low_on`` pick, the objects prompt on the LR), as the other backends ask them.

@@ -224,6 +224,28 @@ def test_the_captions_pool_gets_vllms_own_runtime_env_only_with_that_backend():
     assert pool_options(load_config(), "captions") == {}
 
 
+def test_prepare_renders_the_prompts_with_the_checkpoints_chat_template(tiny, caplog):
+    """The ray.data.llm pass renders each prompt once on the driver through the checkpoint's processor;
+    a driver that cannot read the checkpoint falls back to LLaVA-1.5's format, and says so."""
+    from transformers import AutoProcessor
+
+    from pipeline.captions_prepass import rendered_prompts
+    from spasem.profiles import ensure_tiny
+
+    llava = ensure_tiny(Path(tiny["sd"]).parents[1], ("llava",))["llava"]
+    processor = AutoProcessor.from_pretrained(llava)
+    processor.chat_template = "{% for m in messages %}<<{{ m['role'] }}>>{% endfor %}[image] " \
+        "{{ messages[0]['content'][1]['text'] }} =>"  # a template unlike LLaVA-1.5's, to tell them apart
+    custom = Path(tiny["sd"]).parents[1] / "llava-custom-template"
+    processor.save_pretrained(custom)
+    texts = rendered_prompts(str(custom), ("Describe it.", "Objects?"))
+    assert texts == {"Describe it.": "<<user>>[image] Describe it. =>", "Objects?": "<<user>>[image] Objects? =>"}
+    with caplog.at_level("WARNING"):
+        texts = rendered_prompts(str(custom / "missing"), ("Describe it.",))
+    assert texts == {"Describe it.": vllm_backend.LLAVA15_FORMAT.format(prompt="Describe it.")}
+    assert "LLaVA-1.5's format" in caplog.text
+
+
 def _stand_in_processor(drop_objects_of: str, built_with: list[str]):
     """A ``ray.data.llm`` processor's stand-in, built at run time so Ray ships it by value: each request
     row gets an answer naming its prompt's column and its image's height; the objects answer of key
