@@ -62,39 +62,41 @@ def quality_factor(quality: float) -> np.float32:
 
 
 def _quantized_round_trip(plane: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """One plane (h, w multiples of 8, values around 0..255): DCT, quantize, round, dequantize, inverse."""
+    """One level-shifted plane (h, w multiples of 8, values around -128..127): DCT, quantize, round,
+    dequantize, inverse DCT."""
     h, w = plane.shape
     d = _dct()
-    plane = plane - np.float32(128.0)
     # D @ block over the rows of each block row, then @ D.T over the columns of each block
     coef = np.matmul(d, plane.reshape(h // 8, 8, w)).reshape(h, w // 8, 8)
     coef = np.matmul(coef, d.T).reshape(h // 8, 8, w // 8, 8)
-    step = table[None, :, None, :]
+    step = np.broadcast_to(table[None, :, None, :], coef.shape)
     levels = np.round(np.divide(coef, step, out=coef), out=coef)
     coef = np.multiply(levels, step, out=levels).reshape(h, w // 8, 8)
     coef = np.matmul(coef, d).reshape(h // 8, 8, w)
-    out = np.matmul(d.T, coef).reshape(h, w)
-    out += np.float32(128.0)
-    return out
+    return np.matmul(d.T, coef).reshape(h, w)
 
 
 @lru_cache(maxsize=2)
-def _colour_matrices(bgr: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``cv2.transform`` matrices (3x4, offset last) from [0, 1] to YCbCr in 0..255 and back.
+def _colour_matrices(bgr: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``cv2.transform`` matrices (offset last) from [0, 1] to level-shifted Y, to CbCr, and back to [0, 1].
 
-    The * 255, the chroma's +-128 and the final / 255 are folded into the matrices: one pass each
-    way, rounded a little differently from DiffJPEG's separate steps (float32 rounding, ~1e-7).
+    DiffJPEG's * 255, its +128 on the chroma and the -128 before each DCT, the +128 after each inverse
+    DCT and the -128 on the chroma again, and the final / 255 are folded into the matrices (their
+    shifts cancel but for +128 on Y): one pass each way, rounded a little differently from DiffJPEG's
+    separate steps (float32 rounding, ~1e-7 of the output).
     """
-    to_ycc = np.zeros((3, 4), np.float64)
-    to_ycc[:, :3] = _TO_YCC.astype(np.float64) * 255.0
-    to_ycc[1:, 3] = 128.0
-    from_ycc = np.zeros((3, 4), np.float64)
-    from_ycc[:, :3] = _FROM_YCC.astype(np.float64) / 255.0
-    from_ycc[:, 3] = -128.0 * (from_ycc[:, 1] + from_ycc[:, 2])
+    to_ycc = _TO_YCC.astype(np.float64) * 255.0
+    to_y = np.zeros((1, 4), np.float64)
+    to_y[0, :3], to_y[0, 3] = to_ycc[0], -128.0
+    to_c = np.zeros((2, 4), np.float64)
+    to_c[:, :3] = to_ycc[1:]
+    back = np.zeros((3, 4), np.float64)
+    back[:, :3] = _FROM_YCC.astype(np.float64) / 255.0
+    back[:, 3] = 128.0 / 255.0
     if bgr:  # the pixels' channels in the other order: reorder the matrices instead
-        to_ycc[:, :3] = to_ycc[:, 2::-1]
-        from_ycc = from_ycc[::-1]
-    return to_ycc.astype(np.float32), np.ascontiguousarray(from_ycc, dtype=np.float32)
+        to_y[:, :3], to_c[:, :3] = to_y[:, 2::-1], to_c[:, 2::-1]
+        back = back[::-1]
+    return to_y.astype(np.float32), to_c.astype(np.float32), np.ascontiguousarray(back, dtype=np.float32)
 
 
 def diffjpeg(rgb: np.ndarray, quality: float, bgr: bool = False) -> np.ndarray:
@@ -106,21 +108,20 @@ def diffjpeg(rgb: np.ndarray, quality: float, bgr: bool = False) -> np.ndarray:
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 RGB image, got shape {rgb.shape}")
-    to_ycc, from_ycc = _colour_matrices(bool(bgr))
+    to_y, to_c, back = _colour_matrices(bool(bgr))
     factor = quality_factor(quality)
     h, w = rgb.shape[:2]
     hp, wp = -(-h // _PAD) * _PAD, -(-w // _PAD) * _PAD
-    ycc = cv2.transform(np.asarray(rgb, np.float32), to_ycc)
-    # the zero (black) padding, already in YCbCr
-    ycc = cv2.copyMakeBorder(ycc, 0, hp - h, 0, wp - w, cv2.BORDER_CONSTANT, value=(0.0, 128.0, 128.0))
-    y, cb, cr = cv2.split(ycc)
-    y = _quantized_round_trip(y, Y_TABLE * factor)
+    padded = np.asarray(rgb, np.float32)
+    if (hp, wp) != (h, w):  # DiffJPEG pads with zeros (black) at the bottom and right
+        padded = cv2.copyMakeBorder(padded, 0, hp - h, 0, wp - w, cv2.BORDER_CONSTANT, value=(0.0, 0.0, 0.0))
+    planes = [_quantized_round_trip(cv2.transform(padded, to_y), Y_TABLE * factor)[:h, :w]]
+    # chroma of the 2x2 means (avg_pool2d; INTER_AREA at exactly half is that mean, and the colour
+    # transform is linear, so it commutes with the mean), then repeated 2x2
+    chroma = cv2.transform(cv2.resize(padded, (wp // 2, hp // 2), interpolation=cv2.INTER_AREA), to_c)
     c_table = C_TABLE * factor
-    half = (wp // 2, hp // 2)
-    planes = [y[:h, :w]]
-    for plane in (cb, cr):
-        # avg_pool2d over 2x2 (INTER_AREA at exactly half: the mean of each 2x2), then repeated 2x2
-        small = _quantized_round_trip(cv2.resize(plane, half, interpolation=cv2.INTER_AREA), c_table)
+    for plane in cv2.split(chroma):
+        small = _quantized_round_trip(plane, c_table)
         planes.append(cv2.resize(small, (wp, hp), interpolation=cv2.INTER_NEAREST)[:h, :w])
-    out = cv2.transform(cv2.merge(planes), from_ycc)
+    out = cv2.transform(cv2.merge(planes), back)
     return np.clip(out, 0.0, 1.0, out=out)
