@@ -37,7 +37,7 @@ def shard_stages(cfg: Config) -> dict[str, str]:
     """What produced a pairs shard; recorded in its done marker."""
     return {
         "read": "pillow",
-        "crop": f"random-{cfg.data.hr_size}",
+        "crop": f"random-{cfg.data.hr_size}" + ("+hflip" if cfg.data.hflip else ""),
         # "+usm": the stored HR is the sharpened crop (markers before sharpening existed lack it)
         "degrade": f"{cfg.degradation.preset}-x{cfg.data.scale}" + ("+usm" if _sharpens(cfg) else ""),
     }
@@ -56,7 +56,7 @@ class ShardBuilder:
         self.input = cfg.storage.open(cfg.input)
         self.output = cfg.storage.open(cfg.output).child(PAIRS_DIR)
         self.read = ReadImages(self.input, data.max_pixels, data.effective_min_size, data.max_bytes)
-        self.crop = RandomCrop(data.hr_size, data.crops_per_image, data.seed)
+        self.crop = RandomCrop(data.hr_size, data.crops_per_image, data.seed, data.hflip)
         self.degrade = Degrade(data, cfg.degradation)
 
     def build(self, index: int, files: list[str]) -> dict[str, Any]:
@@ -81,6 +81,7 @@ class ShardBuilder:
                 "key": row["key"],
                 "source": row["source"],
                 "crop": [x, y, w, h],
+                "flip": bool(row["flip"]),
                 "seed": int(row["seed"]),
                 "degradation": json.loads(row["degradation"]),
             }

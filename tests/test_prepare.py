@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 from pipeline.prepare import main as prepare_main
-from spasem.degrade.chain import resynthesize
+from spasem.degrade.chain import resynthesize, sharpen
+from spasem.degrade.params import UsmParams
 from spasem.shards import decode_member, read_tar
+from stages.read import decode_image
 from tests.conftest import write_bad_files, write_good_photos
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,8 +59,14 @@ def test_good_photos_become_pairs_and_bad_files_rejects(corpus, reference_run):
     for row in rows:
         assert row["hr.png"].shape == (64, 64, 3) and row["lr.png"].shape == (16, 16, 3)
         rec = row["json"]
-        assert set(rec) == {"key", "source", "crop", "seed", "degradation"} and rec["key"] == row["__key__"]
+        assert set(rec) == {"key", "source", "crop", "flip", "seed", "degradation"} and rec["key"] == row["__key__"]
         assert rec["source"] in good and rec["degradation"]["preset"] == "xpsr"
+        # the record says where the HR came from: the source's box, mirrored when flip, then sharpened
+        x, y, w, h = rec["crop"]
+        crop = decode_image((corpus[0] / rec["source"]).read_bytes(), 10**9, 1)[y : y + h, x : x + w]
+        crop = np.ascontiguousarray(crop[:, ::-1] if rec["flip"] else crop)
+        np.testing.assert_array_equal(sharpen(crop, UsmParams(**rec["degradation"]["usm"])), row["hr.png"])
+    assert {row["json"]["flip"] for row in rows} == {True, False}
     markers = [json.loads(p.read_text()) for p in sorted((reference_run / "pairs").glob("shard-*.json"))]
     rejected = sorted(r["source"] for m in markers for r in m["rejected"])
     assert rejected == sorted(bad)

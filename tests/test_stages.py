@@ -188,6 +188,46 @@ def test_read_crop_degrade_on_a_one_row_batch(tmp_path, size):
     assert list(out["status"]) == ["ok"] and out["lr"].shape == (1, 16, 16, 3) and out["hr"].shape == (1, 64, 64, 3)
 
 
+def _image_batch(*images: np.ndarray) -> dict[str, np.ndarray]:
+    from spasem.columns import object_array
+
+    n = len(images)
+    return {"image": object_array(list(images)), "source": object_array([f"img{i}.png" for i in range(n)]),
+            "status": object_array(["ok"] * n), "error": object_array([""] * n)}
+
+
+def test_crops_are_mirrored_half_the_time_as_the_papers_datasets_do():
+    """BasicSR's ``augment(use_hflip=True)``: each crop mirrored left-right with probability 1/2, seeded,
+    the record's box still in the source's coordinates; ``data.hflip: false`` mirrors none."""
+    from stages.crop import RandomCrop
+
+    image = np.random.default_rng(5).integers(0, 256, (90, 70, 3), dtype=np.uint8)
+    out = RandomCrop(32, 400, 7)(_image_batch(image))
+    assert out["flip"].dtype == bool and 0.4 < out["flip"].mean() < 0.6
+    for (x, y, w, h), flip, hr in zip(out["crop"], out["flip"], out["hr"], strict=True):
+        crop = image[y : y + h, x : x + w]
+        np.testing.assert_array_equal(hr, crop[:, ::-1] if flip else crop)
+    again = RandomCrop(32, 400, 7)(_image_batch(image))
+    assert np.array_equal(again["flip"], out["flip"]) and np.array_equal(again["hr"], out["hr"])
+    plain = RandomCrop(32, 400, 7, hflip=False)(_image_batch(image))
+    assert not plain["flip"].any() and np.array_equal(plain["crop"], out["crop"])  # the same boxes
+
+
+def test_an_image_smaller_than_the_crop_is_padded_by_reflection():
+    """With ``data.min_size`` below the crop, an image that passes is padded at the bottom and right
+    (reflect-101, as ``RealESRGANDataset``) instead of failing its whole shard."""
+    from stages.crop import RandomCrop
+
+    image = np.random.default_rng(6).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    out = RandomCrop(64, 3, 0, hflip=False)(_image_batch(image))
+    assert list(out["status"]) == ["ok"] * 3 and out["hr"].shape == (3, 64, 64, 3)
+    assert (out["crop"] == [0, 0, 64, 64]).all()
+    hr = out["hr"][0]
+    np.testing.assert_array_equal(hr[:40, :50], image)
+    np.testing.assert_array_equal(hr[40:, :50], image[38 - np.arange(24)])  # row 40 mirrors row 38
+    np.testing.assert_array_equal(hr[:40, 50:], image[:, 48 - np.arange(14)])
+
+
 def test_select_boxes_thresholds_nms_and_cap():
     phrases = ["cat", "red car"]
     spans = [[1], [3, 4]]  # token positions of each phrase

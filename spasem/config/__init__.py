@@ -39,9 +39,12 @@ class DataConfig(Section):
     hr_size: int = Field(512, ge=16, description="side of the square HR crop")
     scale: int = Field(4, ge=1, le=16, description="HR side / LR side")
     crops_per_image: int = Field(1, ge=1, description="random crops cut from each source image")
+    hflip: bool = Field(True, description="mirror each crop left-right with probability 1/2, seeded per crop "
+                                          "(the papers' datasets: BasicSR's use_hflip)")
     shard_size: int = Field(64, ge=1, description="samples per shard")
     seed: int = Field(0, description="base seed; each sample's RNG is derived from (seed, key)")
-    min_size: int | None = Field(None, ge=1, description="reject images whose short side is below this (default: hr_size)")
+    min_size: int | None = Field(None, ge=1, description="reject images whose short side is below this (default: hr_size); smaller "
+                                    "images that pass are padded to hr_size by reflection, as RealESRGANDataset does")
     max_pixels: int = Field(89_478_485, ge=1, description="reject images with more pixels, before decoding")
     max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="reject files larger than this")
     extensions: list[str] = Field(default_factory=lambda: list(IMAGE_EXTENSIONS))
