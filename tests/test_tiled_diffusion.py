@@ -178,6 +178,24 @@ def test_bicubic_regions_equal_the_global_upsample():
         assert torch.equal(region[..., vy:, :vx], region[..., vy - 1 : vy, :vx].expand_as(region[..., vy:, :vx]))
 
 
+def test_pillow_upsample_is_xpsrs_test_input_region_by_region():
+    """``upscale.upsample: pillow`` (the xpsr preset): Pillow's default bicubic to uint8, as XPSR's
+    test.py resizes its LR, served region by region with the same replicate padding."""
+    from PIL import Image
+
+    lr = np.random.default_rng(8).integers(0, 256, (29, 47, 3), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(lr).resize((188, 116)))  # Image.resize's default is BICUBIC
+    src = BicubicSource(lr, 4, kernel="pillow")
+    np.testing.assert_array_equal(signed_to_hwc(src.full())[0], expected)
+    region = src.region(100, 132, 170, 202)  # reaches past both borders into the padding
+    np.testing.assert_array_equal(signed_to_hwc(region)[0, :16, :18], expected[100:, 170:])
+    assert torch.equal(region[..., 16:, :18], region[..., 15:16, :18].expand_as(region[..., 16:, :18]))
+    # a different kernel from torch's (a = -0.5 against -0.75, and rounded): not the training upsample
+    assert not np.array_equal(expected, signed_to_hwc(BicubicSource(lr, 4).full())[0])
+    with pytest.raises(ValueError, match="unknown upsample"):
+        BicubicSource(lr, 4, kernel="lanczos")
+
+
 def test_streamed_decode_equals_a_whole_image_decode():
     lat = torch.rand(1, 4, 40, 56) * 2 - 1
     decode = lambda z: F.interpolate(z[:, :3], scale_factor=8, mode="nearest")  # noqa: E731
@@ -213,6 +231,12 @@ def test_adain_in_bands_matches_the_whole_image_version():
     whole = adain_fix(to_t(image), to_t(reference))[0].permute(1, 2, 0).numpy()
     assert np.abs(banded - np.clip(np.rint(whole), 0, 255)).max() <= 1
     np.testing.assert_allclose(banded.reshape(-1, 3).mean(0), reference.reshape(-1, 3).mean(0), atol=0.6)
+    # XPSR's adain_color_fix ends in ToPILImage, which truncates: the xpsr preset's adain_rounding
+    truncated = image.copy()
+    adain_fix_uint8(truncated, stats, rows=16, truncate=True)
+    exact = np.clip(whole, 0, 255)
+    assert (np.abs(truncated - np.floor(exact)) <= 1).all() and (truncated <= banded).all()
+    assert (truncated - np.floor(exact) != 0).mean() < 0.01 and (truncated != banded).mean() > 0.2
 
 
 def test_regional_boxes_clip_renormalize_and_drop():
@@ -287,6 +311,8 @@ def test_xpsr_preset_is_the_released_sampling_and_realism_one_runs_it_unchanged(
     assert (cfg.scheduler, cfg.steps, cfg.guidance_scale, cfg.color_fix) == ("DDPMScheduler", 20, 4.5, "adain")
     assert cfg.negative_prompt == "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed."
     assert cfg.added_noise_level == 800 and cfg.realism == 1.0 and (cfg.tile_size, cfg.tile_overlap) == (320, 8)
+    assert (cfg.upsample, cfg.adain_rounding) == ("pillow", "truncate")
+    assert (UpscaleConfig().upsample, UpscaleConfig().adain_rounding) == ("torch", "nearest")
     # keys set explicitly win over the preset (e.g. the paper text's guidance 5.5)
     assert UpscaleConfig(preset="xpsr", guidance_scale=5.5).guidance_scale == 5.5
     plan = realism_plan(cfg.realism, cfg.steps, cfg.guidance_scale, cfg.conditioning_scale)

@@ -44,6 +44,8 @@ XPSR_SAMPLING: dict[str, Any] = {
     "color_fix": "adain",  # test.py: adain_color_fix on every output
     "tile_size": 320,  # test.py --latent_tiled_size / --latent_tiled_overlap
     "tile_overlap": 8,
+    "upsample": "pillow",  # test.py: validation_image.resize((w * 4, h * 4)), Pillow's default BICUBIC, uint8
+    "adain_rounding": "truncate",  # myutils/wavelet_color_fix.py: ToPILImage(result.clamp(0, 1)) truncates
 }
 PRESETS: dict[str, dict[str, Any]] = {"xpsr": XPSR_SAMPLING}
 # schedulers whose add_noise takes any timestep (alphas_cumprod); the sigma-based ones need the schedule's own
@@ -94,6 +96,13 @@ class UpscaleConfig(_Section):
         description="project heuristic: 0 faithful (close to the bicubic input) .. 1 plain sampling from the noised LR",
     )
     color_fix: Literal["none", "wavelet", "adain"] = Field("wavelet", description="colour correction toward the input")
+    adain_rounding: Literal["nearest", "truncate"] = Field(
+        "nearest", description="AdaIN's output back to uint8: rounded, or truncated as XPSR's adain_color_fix"
+    )
+    upsample: Literal["torch", "pillow"] = Field(
+        "torch", description="the LR's bicubic upsample the model starts from and is conditioned on: torch's "
+                             "(a=-0.75, float, as training) or Pillow's (a=-0.5, uint8, as XPSR's test.py)"
+    )
     seed: int = Field(0, description="base seed; each image's noise comes from (seed, relative path)")
     skip_existing: bool = Field(True, description="skip inputs whose output already exists (resume after a crash)")
     visual_tokens: Literal["tile", "image"] = Field(

@@ -105,15 +105,20 @@ class ChannelStats:
         return np.sqrt(np.maximum(var, 0.0) + eps)
 
 
-def adain_fix_uint8(image: np.ndarray, reference: ChannelStats, rows: int = 256) -> None:
-    """AdaIN on an RGB uint8 image in place, in bands of ``rows`` so no float copy of it exists."""
+def adain_fix_uint8(image: np.ndarray, reference: ChannelStats, rows: int = 256, truncate: bool = False) -> None:
+    """AdaIN on an RGB uint8 image in place, in bands of ``rows`` so no float copy of it exists.
+
+    ``truncate``: back to uint8 by truncation, as XPSR's ``adain_color_fix`` does (torchvision's
+    ``ToPILImage`` of a float tensor is ``mul(255).byte()``); else rounded to nearest.
+    """
     stats = ChannelStats(image.shape[-1])
     for band in _bands(image, rows):
         stats.update(band)
     gain = reference.std() / stats.std()
     bias = reference.mean - stats.mean * gain
+    to_int = np.floor if truncate else np.rint  # clipped at 0 first, so floor is truncation
     for band in _bands(image, rows):
-        band[...] = np.clip(np.rint(band * gain + bias), 0, 255).astype(np.uint8)
+        band[...] = to_int(np.clip(band * gain + bias, 0, 255)).astype(np.uint8)
 
 
 def _bands(image: np.ndarray, rows: int) -> Iterable[np.ndarray]:

@@ -231,7 +231,7 @@ class TiledUpscaler:
         out = decode_tiled(self._decode, latents, cfg.effective_vae_tile, cfg.tile_overlap, src.height, src.width,
                            self.factor, fix)
         if cfg.color_fix == "adain":
-            adain_fix_uint8(out, reference_stats(src))
+            adain_fix_uint8(out, reference_stats(src), truncate=cfg.adain_rounding == "truncate")
         return out
 
     @torch.no_grad()
@@ -245,7 +245,7 @@ class TiledUpscaler:
         (CLIP, DINOv2 LR tokens of the embeddings stage) are used when ``upscale.visual_tokens`` is ``image``.
         """
         cfg = self.cfg
-        src = BicubicSource(lr, cfg.scale, self.device)
+        src = BicubicSource(lr, cfg.scale, self.device, kernel=cfg.upsample)
         grid = TileGrid(*padded_latent_size(src.height, src.width, self.factor), cfg.tile_size, cfg.tile_overlap)
         plan = realism_plan(cfg.realism, cfg.steps, cfg.guidance_scale, cfg.conditioning_scale)
         tokens = self._image_tokens(lr, image_tokens) if cfg.visual_tokens == "image" else None

@@ -21,19 +21,35 @@ from spasem.pixels import signed_to_hwc, to_signed
 TileFix = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
+UPSAMPLES = ("torch", "pillow")
+
+
 class BicubicSource:
     """The bicubic x``scale`` upsample of an RGB uint8 LR image, in [-1, 1], region by region.
 
     Regions may reach past the image into the padding up to a multiple of the tile grid; the padding
     replicates the last row and column.
+
+    ``kernel`` ``torch``: ``F.interpolate(mode="bicubic")`` (a = -0.75, unrounded floats, as training
+    upsamples the LR), computed per region. ``pillow``: Pillow's ``Image.resize`` default, BICUBIC
+    (a = -0.5) rounded to uint8, which XPSR's test.py feeds its pipeline; made once for the whole
+    image and kept as uint8 (3 bytes per output pixel).
     """
 
-    def __init__(self, lr: np.ndarray, scale: int, device: torch.device | str = "cpu"):
-        lr_t = torch.from_numpy(np.array(lr, dtype=np.uint8)).to(device)  # a writable copy
-        self.lr = to_signed(lr_t.permute(2, 0, 1)[None])
+    def __init__(self, lr: np.ndarray, scale: int, device: torch.device | str = "cpu", kernel: str = "torch"):
+        if kernel not in UPSAMPLES:
+            raise ValueError(f"unknown upsample {kernel!r}; expected one of {', '.join(UPSAMPLES)}")
+        lr = np.array(lr, dtype=np.uint8)  # a writable copy
         self.scale = scale
         self.h, self.w = lr.shape[:2]
         self.height, self.width = self.h * scale, self.w * scale
+        self.lr = to_signed(torch.from_numpy(lr).to(device).permute(2, 0, 1)[None])
+        self.upsampled = None
+        if kernel == "pillow":
+            from PIL import Image
+
+            big = np.asarray(Image.fromarray(lr).resize((self.width, self.height), Image.Resampling.BICUBIC))
+            self.upsampled = torch.from_numpy(np.array(big)).to(device)  # [H, W, 3] uint8
 
     def _axis(self, a: int, b: int, size: int) -> tuple[int, int]:
         """LR range [la, lb) whose upsample covers output [a, b) exactly (bicubic reads 2 taps each side)."""
@@ -44,6 +60,10 @@ class BicubicSource:
         vy1, vx1 = min(y1, self.height), min(x1, self.width)
         if y0 >= vy1 or x0 >= vx1:
             raise ValueError(f"region ({y0}, {x0}) lies outside the {self.height}x{self.width} image")
+        if self.upsampled is not None:
+            out = to_signed(self.upsampled[y0:vy1, x0:vx1].permute(2, 0, 1)[None])
+            pad_b, pad_r = y1 - vy1, x1 - vx1
+            return F.pad(out, (0, pad_r, 0, pad_b), mode="replicate") if pad_b or pad_r else out
         ly0, ly1 = self._axis(y0, vy1, self.h)
         lx0, lx1 = self._axis(x0, vx1, self.w)
         crop = self.lr[:, :, ly0:ly1, lx0:lx1]
@@ -60,9 +80,9 @@ class BicubicSource:
         return self.region(0, self.height, 0, self.width)
 
 
-def bicubic_upsample(lr: np.ndarray, scale: int) -> np.ndarray:
+def bicubic_upsample(lr: np.ndarray, scale: int, kernel: str = "torch") -> np.ndarray:
     """The reference bicubic upsample as RGB uint8 (what ``realism`` 0 stays close to)."""
-    return signed_to_hwc(BicubicSource(lr, scale).full())[0]
+    return signed_to_hwc(BicubicSource(lr, scale, kernel=kernel).full())[0]
 
 
 @torch.no_grad()
