@@ -50,9 +50,12 @@ def _requests(row: dict[str, Any], store: Store, section: CaptionsConfig, texts:
 
 
 @lru_cache(maxsize=4)
-def rendered_prompts(model: str, prompts: tuple[str, ...]) -> dict[str, str]:
-    """Each prompt as the engine receives it: through the checkpoint's chat template (its processor's
-    files, read once on the driver), or LLaVA-1.5's format when the driver cannot read them."""
+def rendered_prompts(model: str, prompts: tuple[str, ...], template: str = "chat") -> dict[str, str]:
+    """Each prompt as the engine receives it: in XPSR's format (``template: xpsr``), or through the
+    checkpoint's chat template (its processor's files, read once on the driver), or LLaVA-1.5's format
+    when the driver cannot read them."""
+    if template == "xpsr":
+        return {prompt: chat_prompt(prompt, None, template) for prompt in prompts}
     try:
         from transformers import AutoProcessor
 
@@ -78,7 +81,7 @@ def caption_wave(cfg: Config, pairs: Store, shards: list[int], build: Callable |
     # built here (a path on this node: the engines must run on it, or share models.cache_dir)
     model = resolve_models(cfg.models, ("llava",))["llava"]
     prompts = tuple(dict.fromkeys(p for pairs in caption_asks(section, True).values() for _, p in pairs))
-    texts = rendered_prompts(model, prompts)
+    texts = rendered_prompts(model, prompts, section.template)
     requests = requests.flat_map(_requests, fn_kwargs={"store": pairs, "section": section, "texts": texts},
                                  num_cpus=0.25)
     answers = build(section, cfg.models, model)(requests).select_columns(["key", "answer", "text"])

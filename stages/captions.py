@@ -36,12 +36,13 @@ class CaptionBackend(Protocol):
 
 
 def make_backend(name: str, path: str, device: str, dtype: torch.dtype, max_new_tokens: int,
-                 compile: bool = False) -> CaptionBackend:
-    """The caption backend ``annotate.captions.backend`` names."""
+                 compile: bool = False, template: str = "chat") -> CaptionBackend:
+    """The caption backend ``annotate.captions.backend`` names (``template``: the prompts' format; the
+    original LLaVA code keeps its own conversation template)."""
     if name == "transformers":
         from spasem.vlm.llava import TransformersLlava
 
-        return TransformersLlava(path, device, dtype, max_new_tokens, compile)
+        return TransformersLlava(path, device, dtype, max_new_tokens, compile, template=template)
     if name == "llava_torch":
         from spasem.vlm.llava_torch import LlavaTorch
 
@@ -49,7 +50,7 @@ def make_backend(name: str, path: str, device: str, dtype: torch.dtype, max_new_
     if name == "vllm":
         from spasem.vlm.vllm_backend import VllmLlava
 
-        return VllmLlava(path, device, dtype, max_new_tokens)
+        return VllmLlava(path, device, dtype, max_new_tokens, template)
     raise ValueError(f"annotate.captions.backend={name!r} is not known; use 'transformers', 'llava_torch' or 'vllm'")
 
 
@@ -87,7 +88,7 @@ class Captioner(AnnotationStage):
         self.cfg = section
         self.backend = backend or make_backend(
             section.backend, paths["llava"], models.device, torch_dtype(models.dtype), section.max_new_tokens,
-            section.compile,
+            section.compile, section.template,
         )
 
     def process(self, batch: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:

@@ -77,12 +77,18 @@ def test_prompts_are_the_transformers_backends_llava15_prompts(llava):
     from spasem.vlm.llava import TransformersLlava
 
     processor = AutoProcessor.from_pretrained(llava)
-    reference = TransformersLlava.__new__(TransformersLlava)
-    reference.processor, reference._texts = processor, {}
+    for template in ("xpsr", "chat"):
+        reference = TransformersLlava.__new__(TransformersLlava)
+        reference.processor, reference._texts, reference.template = processor, {}, template
+        for prompt in PROMPTS:
+            assert chat_prompt(prompt, processor, template) == reference.prompt_text(prompt)
     for prompt in PROMPTS:
-        assert chat_prompt(prompt, processor) == reference.prompt_text(prompt)
+        # XPSR's caption scripts' own format (annotate.captions.template: xpsr, the default)
+        assert chat_prompt(prompt, processor, "xpsr") == f"<image>\nUSER: {prompt} \nASSISTANT:"
         # and LLaVA-1.5's conversation format, used for a checkpoint without a template
         assert chat_prompt(prompt) == LLAVA15_FORMAT.format(prompt=prompt) == f"USER: <image>\n{prompt} ASSISTANT:"
+    with pytest.raises(ValueError, match="template"):
+        chat_prompt("p", processor, "llava_v1")
 
 
 def test_requests_are_greedy_prompt_major_with_one_image_each():
@@ -137,13 +143,13 @@ def test_captions_stage_on_vllm_writes_the_same_members_and_model_id(llava, fake
     # quality and objects on the LR, all in one generate so the engine schedules them together
     asked = {(r["prompt"], np.asarray(r["multi_modal_data"]["image"]).shape[0])
              for requests, _ in fake_vllm.calls for r in requests}
-    assert asked == {(chat_prompt(section.high_prompt), 64), (chat_prompt(section.low_prompt), 16),
-                     (chat_prompt(section.objects_prompt), 16)}
+    xpsr = "<image>\nUSER: {} \nASSISTANT:".format  # annotate.captions.template: xpsr, the default
+    assert asked == {(xpsr(section.high_prompt), 64), (xpsr(section.low_prompt), 16), (xpsr(section.objects_prompt), 16)}
     assert len(fake_vllm.calls) == 1 and len(fake_vllm.calls[0][0]) == 3 * 2  # one generate per micro-batch
     assert [list(o) for o in out["objects"]] == [["red car", "dogs"]] * 2  # the column grounding reads
     # the fake answers with the prompt's tail, cleaned as the transformers backend cleans
-    assert out["caption_high"][0] == chat_prompt(cfg.annotate.captions.high_prompt)[-30:].strip()
-    assert out["caption_low"][1] == " ".join(chat_prompt(cfg.annotate.captions.low_prompt)[-30:].split())
+    assert out["caption_high"][0] == " ".join(xpsr(cfg.annotate.captions.high_prompt)[-30:].split())
+    assert out["caption_low"][1] == " ".join(xpsr(cfg.annotate.captions.low_prompt)[-30:].split())
     ids = stage_ids(cfg, ["captions"])
     assert ids == stage_ids(load_config(None, []), ["captions"])  # the backend is not part of the model id
     row = {k: v[0] for k, v in out.items()}

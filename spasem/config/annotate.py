@@ -9,7 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-HIGH_PROMPT = "Please provide a descriptive summary of the content of this image"
+# XPSR's high-level prompt as its caption scripts write it (the paper's text drops the final period)
+HIGH_PROMPT = "Please provide a descriptive summary of the content of this image."
 LOW_PROMPT = (
     "Please describe the quality of this image and evaluate it based on factors such as clarity, color, "
     "noise, and lighting"
@@ -49,6 +50,10 @@ class CaptionsConfig(StagePoolConfig):
     low_prompt: str = LOW_PROMPT
     objects_prompt: str = Field(OBJECTS_PROMPT, description="asked about the LR: the objects grounding looks for")
     max_new_tokens: int = Field(64, ge=1)
+    template: Literal["xpsr", "chat"] = Field(
+        "xpsr", description="prompt format: xpsr, XPSR's caption scripts' '<image>\\nUSER: {prompt} \\nASSISTANT:'; "
+                            "chat, the checkpoint's chat template"
+    )
     high_on: Literal["hr", "lr"] = Field(
         "hr", description="image of the high-level caption: hr as XPSR trains (upscale has only the lr)"
     )

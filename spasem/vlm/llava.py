@@ -49,13 +49,14 @@ class TransformersLlava:
     """LLaVA through transformers; ``compile`` uses a static KV cache so generate compiles the decoding step."""
 
     def __init__(self, path: str, device: str, dtype: torch.dtype, max_new_tokens: int, compile: bool = False,
-                 share_prefix: bool = True):
+                 share_prefix: bool = True, template: str = "chat"):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         self.processor = AutoProcessor.from_pretrained(path)
         self.processor.tokenizer.padding_side = "left"  # decoder-only generation continues on the right
         self.model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
         self.max_new_tokens = max_new_tokens
+        self.template = template
         self.compile = compile
         self.share_prefix = share_prefix
         self.pad = self.processor.tokenizer.pad_token_id
@@ -70,10 +71,12 @@ class TransformersLlava:
         self._ids: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
 
     def prompt_text(self, prompt: str) -> str:
-        """The prompt through the checkpoint's chat template (rendered once per prompt: Jinja is slow)."""
+        """The prompt as the model receives it: XPSR's format or the checkpoint's chat template
+        (``template``; rendered once per prompt: Jinja is slow)."""
         if prompt not in self._texts:
-            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-            self._texts[prompt] = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+            from spasem.vlm.vllm_backend import chat_prompt
+
+            self._texts[prompt] = chat_prompt(prompt, self.processor, self.template)
         return self._texts[prompt]
 
     def prompt_ids(self, text: str, image: np.ndarray) -> torch.Tensor:

@@ -35,8 +35,19 @@ LLAVA15_FORMAT = "USER: <image>\n{prompt} ASSISTANT:"
 MAX_MODEL_LEN = 1024
 
 
-def chat_prompt(prompt: str, processor: Any | None = None) -> str:
-    """The text vLLM receives for one prompt: the processor's chat template, else LLaVA-1.5's format."""
+# XPSR's caption scripts write the prompt out in full (utils_data/highlevel_prompt_train.py and
+# highlevel_prompt_test.py): the image first, then the turn, and a space and newline before the answer
+XPSR_FORMAT = "<image>\nUSER: {prompt} \nASSISTANT:"
+TEMPLATES = ("xpsr", "chat")
+
+
+def chat_prompt(prompt: str, processor: Any | None = None, template: str = "chat") -> str:
+    """The text the model receives for one prompt (``annotate.captions.template``): ``xpsr``, XPSR's own
+    format; ``chat``, the processor's chat template, else LLaVA-1.5's format."""
+    if template not in TEMPLATES:
+        raise ValueError(f"annotate.captions.template={template!r} is not known; use one of {', '.join(TEMPLATES)}")
+    if template == "xpsr":
+        return XPSR_FORMAT.format(prompt=prompt)
     if processor is not None and getattr(processor, "chat_template", None):
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return processor.apply_chat_template(conversation, add_generation_prompt=True)
@@ -91,7 +102,7 @@ def _import_vllm():
 class VllmLlava:
     """LLaVA through an in-process ``vllm.LLM`` engine (one per captions actor), behind the caption interface."""
 
-    def __init__(self, path: str, device: str, dtype: Any, max_new_tokens: int):
+    def __init__(self, path: str, device: str, dtype: Any, max_new_tokens: int, template: str = "chat"):
         if not str(device).startswith("cuda"):
             raise ValueError(f"annotate.captions.backend=vllm runs on a GPU; models.device={device!r}: set "
                              "models.device=cuda or use the transformers backend")
@@ -101,6 +112,7 @@ class VllmLlava:
         self.processor = AutoProcessor.from_pretrained(path)  # its chat template: the same prompts as transformers
         self.llm = vllm.LLM(model=path, **engine_kwargs(dtype, max_new_tokens))
         self.params = vllm.SamplingParams(**sampling_params(max_new_tokens))
+        self.template = template
 
     def caption(self, images: list[np.ndarray], prompts: Sequence[str]) -> list[list[str]]:
         """Greedy answers: for each prompt, one per image (all requests of the call scheduled together)."""
@@ -109,7 +121,7 @@ class VllmLlava:
     def caption_groups(self, groups: Sequence[tuple[list[np.ndarray], Sequence[str]]]) -> list[list[list[str]]]:
         """:meth:`caption` of each ``(images, prompts)`` group, all in one ``generate``: the engine schedules
         a micro-batch's HR and LR requests together, and its prefix cache serves each image's prompts."""
-        requests = [build_requests(images, [chat_prompt(p, self.processor) for p in prompts])
+        requests = [build_requests(images, [chat_prompt(p, self.processor, self.template) for p in prompts])
                     for images, prompts in groups]
         outputs = self.llm.generate([r for group in requests for r in group], self.params, use_tqdm=False)
         texts, out = [o.outputs[0].text for o in outputs], []  # in request order
