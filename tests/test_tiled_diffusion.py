@@ -311,7 +311,7 @@ def test_xpsr_preset_is_the_released_sampling_and_realism_one_runs_it_unchanged(
     assert (cfg.scheduler, cfg.steps, cfg.guidance_scale, cfg.color_fix) == ("DDPMScheduler", 20, 4.5, "adain")
     assert cfg.negative_prompt == "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed."
     assert cfg.added_noise_level == 800 and cfg.realism == 1.0 and (cfg.tile_size, cfg.tile_overlap) == (320, 8)
-    assert (cfg.upsample, cfg.adain_rounding) == ("pillow", "truncate")
+    assert (cfg.upsample, cfg.adain_rounding, cfg.tile_rule) == ("pillow", "truncate", "xpsr")
     assert (UpscaleConfig().upsample, UpscaleConfig().adain_rounding) == ("torch", "nearest")
     # keys set explicitly win over the preset (e.g. the paper text's guidance 5.5)
     assert UpscaleConfig(preset="xpsr", guidance_scale=5.5).guidance_scale == 5.5
@@ -325,6 +325,10 @@ def test_xpsr_preset_is_the_released_sampling_and_realism_one_runs_it_unchanged(
     small = {"steps": 2, "tile_size": 16, "tile_overlap": 8}
     TiledUpscaler(pipe, UpscaleConfig(preset="xpsr", **small))(lr, "a cat.", "blurry", seed=0)
     call = pipe.calls[-1]
+    # a latent larger than one tile goes through XPSR's square tiles and Gaussian blend
+    wide = np.random.default_rng(8).integers(0, 256, (40, 24, 3), dtype=np.uint8)
+    out = TiledUpscaler(pipe, UpscaleConfig(preset="xpsr", steps=2, tile_size=8, tile_overlap=2))(wide, "a cat.", seed=0)
+    assert out.shape == (160, 96, 3) and out.dtype == np.uint8
     assert call["high"][0] == "a cat. " + XPSR_SAMPLING["added_prompt"]
     assert call["negative"] == XPSR_SAMPLING["negative_prompt"]
     assert call["negative_low"] == "high resolution, best quality, clear" and call["do_cfg"]

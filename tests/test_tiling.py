@@ -85,3 +85,64 @@ def test_tiles_out_of_order_or_missing_are_errors():
         TileBlender(grid).blend((t, t.crop(x)) for t in reversed(grid.tiles))
     with pytest.raises(ValueError, match="every tile"):
         TileBlender(grid).blend((t, t.crop(x)) for t in grid.tiles[:3])
+
+
+def _xpsr_reference(h: int, w: int, tile: int, overlap: int) -> tuple[list[tuple[int, int, int]], torch.Tensor]:
+    """XPSR's pipeline_xpsr.py tiling loop and ``_gaussian_weights``, transcribed statement by statement:
+    the tiles (ofs_y, ofs_x, side) and its stitched average of per-tile values."""
+    import math
+
+    if h * w <= tile * tile:
+        return [(0, 0, -1)], torch.ones(h, w)
+    tile = min(tile, min(h, w))
+    var = 0.01
+    mid = (tile - 1) / 2
+    x_probs = [math.exp(-(x - mid) * (x - mid) / (tile * tile) / (2 * var)) / math.sqrt(2 * math.pi * var)
+               for x in range(tile)]
+    mid = tile / 2
+    y_probs = [math.exp(-(y - mid) * (y - mid) / (tile * tile) / (2 * var)) / math.sqrt(2 * math.pi * var)
+               for y in range(tile)]
+    weights = torch.outer(torch.tensor(y_probs), torch.tensor(x_probs))
+    grid_rows, cur_x = 0, 0
+    while cur_x < w:
+        cur_x = max(grid_rows * tile - overlap * grid_rows, 0) + tile
+        grid_rows += 1
+    grid_cols, cur_y = 0, 0
+    while cur_y < h:
+        cur_y = max(grid_cols * tile - overlap * grid_cols, 0) + tile
+        grid_cols += 1
+    tiles, ofs_x, ofs_y = [], 0, 0
+    for row in range(grid_rows):
+        for col in range(grid_cols):
+            if col < grid_cols - 1 or row < grid_rows - 1:
+                ofs_x = max(row * tile - overlap * row, 0)
+                ofs_y = max(col * tile - overlap * col, 0)
+            if row == grid_rows - 1:
+                ofs_x = w - tile
+            if col == grid_cols - 1:
+                ofs_y = h - tile
+            tiles.append((ofs_y, ofs_x, tile))
+    return tiles, weights
+
+
+@pytest.mark.parametrize("h, w", [(40, 40), (100, 30), (130, 70), (70, 201), (64, 64), (65, 64)])
+def test_xpsr_rule_is_xpsrs_layout_and_gaussian_average(h, w):
+    """``upscale.tile_rule=xpsr`` (the xpsr preset): the tiles and the weighted average of XPSR's pipeline."""
+    tile, overlap = 64, 8
+    expected, weights = _xpsr_reference(h, w, tile, overlap)
+    grid = TileGrid(h, w, tile, overlap, "xpsr")
+    if expected == [(0, 0, -1)]:  # the whole latent at once, no weights
+        assert grid.tiles == [grid.tiles[0]] and (grid.tiles[0].h, grid.tiles[0].w) == (h, w)
+    else:
+        assert sorted((t.y, t.x, t.h) for t in grid.tiles) == sorted(expected)
+        assert all(t.h == t.w for t in grid.tiles)
+    # per-tile outputs that differ from tile to tile: the blend is XPSR's sum(w * v) / sum(w)
+    values = {(t.y, t.x): torch.randn(1, 4, t.h, t.w, generator=torch.Generator().manual_seed(t.y * 1000 + t.x))
+              for t in grid.tiles}
+    ours = TileBlender(grid).blend((t, values[(t.y, t.x)]) for t in grid.tiles)
+    total, count = torch.zeros(1, 4, h, w, dtype=torch.float64), torch.zeros(1, 4, h, w, dtype=torch.float64)
+    for t in grid.tiles:
+        m = weights if expected != [(0, 0, -1)] else torch.ones(h, w)
+        total[..., t.y : t.y + t.h, t.x : t.x + t.w] += values[(t.y, t.x)].double() * m
+        count[..., t.y : t.y + t.h, t.x : t.x + t.w] += m
+    torch.testing.assert_close(ours.double(), total / count, atol=2e-5, rtol=1e-4)

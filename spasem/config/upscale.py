@@ -44,6 +44,7 @@ XPSR_SAMPLING: dict[str, Any] = {
     "color_fix": "adain",  # test.py: adain_color_fix on every output
     "tile_size": 320,  # test.py --latent_tiled_size / --latent_tiled_overlap
     "tile_overlap": 8,
+    "tile_rule": "xpsr",  # pipeline_xpsr.py: whole up to 320 x 320 latent px, square tiles, Gaussian weights
     "upsample": "pillow",  # test.py: validation_image.resize((w * 4, h * 4)), Pillow's default BICUBIC, uint8
     "adain_rounding": "truncate",  # myutils/wavelet_color_fix.py: ToPILImage(result.clamp(0, 1)) truncates
 }
@@ -90,6 +91,10 @@ class UpscaleConfig(_Section):
     tile_size: int = Field(64, ge=8, description="diffusion tile side in latent px (x8 = output px); multiple of 8")
     tile_overlap: int = Field(16, ge=0, description="overlap of neighbouring diffusion tiles in latent px")
     tile_batch: int = Field(8, ge=1, description="tiles per model call (x2 with guidance)")
+    tile_rule: Literal["spread", "xpsr"] = Field(
+        "spread", description="diffusion tiles: spread evenly with raised-cosine ramps, or XPSR's layout and "
+                              "Gaussian weights (whole up to tile_size squared in area)"
+    )
     vae_tile_size: int | None = Field(None, ge=8, description="VAE encode/decode tile in latent px (default tile_size)")
     realism: float = Field(
         0.5, ge=0.0, le=1.0,

@@ -246,7 +246,8 @@ class TiledUpscaler:
         """
         cfg = self.cfg
         src = BicubicSource(lr, cfg.scale, self.device, kernel=cfg.upsample)
-        grid = TileGrid(*padded_latent_size(src.height, src.width, self.factor), cfg.tile_size, cfg.tile_overlap)
+        grid = TileGrid(*padded_latent_size(src.height, src.width, self.factor), cfg.tile_size, cfg.tile_overlap,
+                        cfg.tile_rule)
         plan = realism_plan(cfg.realism, cfg.steps, cfg.guidance_scale, cfg.conditioning_scale)
         tokens = self._image_tokens(lr, image_tokens) if cfg.visual_tokens == "image" else None
         high = caption_high or cfg.prompt

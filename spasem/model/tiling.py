@@ -4,17 +4,28 @@
 sums the per-tile outputs weighted by raised-cosine ramps across the overlaps and divides by the summed
 weights, so a function that is smooth on the whole image shows no seam where tiles meet. The VAE
 (encode and decode per tile) and latent diffusion (the model predicts per tile) all blend through it.
+
+``rule="xpsr"`` lays the diffusion tiles out and weights them as XPSR's pipeline does
+(``pipelines/pipeline_xpsr.py`` L1025-1176 and ``_gaussian_weights``, qyp2000/XPSR @ b5e8411): the
+whole latent as one tile while its area is at most ``tile`` squared; else square tiles of
+``min(tile, shorter side)`` starting every ``tile - overlap``, the last one moved back to end at the
+border, each weighted by the same Gaussian (variance 0.01 of the tile side squared; its centre is
+``(side - 1) / 2`` across and ``side / 2`` down, as written there).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-EPS = 1e-8  # floor of the summed weights (every covered pixel has far more)
+# floor of the summed weights: every covered pixel has more (XPSR's Gaussian corner weight is ~1e-11
+# of its peak, so the floor sits far below it)
+EPS = 1e-30
+RULES = ("spread", "xpsr")
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -30,6 +41,26 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     count = -(-(size - tile) // stride) + 1
     # spread the tiles evenly so the last one ends exactly at the border
     return [round(i * (size - tile) / (count - 1)) for i in range(count)]
+
+
+def xpsr_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """XPSR's tile starts along one side: ``i * (tile - overlap)``, the last one at ``size - tile``."""
+    count, end = 0, 0
+    while end < size:
+        end = max(count * tile - overlap * count, 0) + tile
+        count += 1
+    return [max(i * (tile - overlap), 0) for i in range(count - 1)] + [size - tile]
+
+
+def xpsr_gaussian(side: int) -> torch.Tensor:
+    """XPSR's ``_gaussian_weights(side, side)``: ``[side, side]``, float64 as it computes them."""
+    var = 0.01
+    axis = torch.arange(side, dtype=torch.float64)
+
+    def probs(midpoint: float) -> torch.Tensor:
+        return torch.exp(-(axis - midpoint) ** 2 / (side * side) / (2 * var)) / math.sqrt(2 * math.pi * var)
+
+    return torch.outer(probs(side / 2), probs((side - 1) / 2))  # rows (y) centred at side / 2, as there
 
 
 def ramp(length: int, overlap: int, at_start: bool, at_end: bool, device=None) -> torch.Tensor:
@@ -78,16 +109,32 @@ class TileGrid:
     width: int
     tile: int
     overlap: int
+    rule: str = "spread"  # or "xpsr": XPSR's layout and Gaussian weights (the module's docstring)
 
     @property
     def tiles(self) -> list[Tile]:
         """All tiles, row by row (the order ``TileBlender`` takes outputs in)."""
+        if self.rule not in RULES:
+            raise ValueError(f"unknown tile rule {self.rule!r}; expected one of {', '.join(RULES)}")
+        if self.rule == "xpsr":
+            if self.height * self.width <= self.tile * self.tile:
+                return [Tile(0, 0, self.height, self.width)]
+            side = min(self.tile, self.height, self.width)
+            xs = xpsr_starts(self.width, side, self.overlap)
+            return [Tile(y, x, side, side) for y in xpsr_starts(self.height, side, self.overlap) for x in xs]
         th, tw = min(self.tile, self.height), min(self.tile, self.width)
         xs = tile_starts(self.width, self.tile, self.overlap)
         return [Tile(y, x, th, tw) for y in tile_starts(self.height, self.tile, self.overlap) for x in xs]
 
     def weights(self, tile: Tile, scale: int = 1) -> torch.Tensor:
-        """Blend weights ``[h * scale, w * scale]`` of ``tile``: full weight on image borders, ramps inside."""
+        """Blend weights ``[h * scale, w * scale]`` of ``tile``: full weight on image borders, ramps inside
+        (``xpsr``: the Gaussian, or ones for the one whole-image tile)."""
+        if self.rule == "xpsr":
+            if tile.h * tile.w == self.height * self.width:
+                return torch.ones(tile.h * scale, tile.w * scale)
+            if scale != 1:
+                raise ValueError("the xpsr tile rule blends latents only (scale 1)")
+            return xpsr_gaussian(tile.h).float()
         o = self.overlap * scale
         wy = ramp(tile.h * scale, o, at_start=tile.y == 0, at_end=tile.y + tile.h >= self.height)
         wx = ramp(tile.w * scale, o, at_start=tile.x == 0, at_end=tile.x + tile.w >= self.width)
@@ -125,7 +172,7 @@ class TileBlender:
         for tile, value in outputs:
             value = value.float()
             if band is None:
-                band = value.new_zeros(*value.shape[:2], min(g.tile, g.height) * s, g.width * s)
+                band = value.new_zeros(*value.shape[:2], max(t.h for t in self.tiles) * s, g.width * s)
                 weight = value.new_zeros(1, 1, *band.shape[2:])
             if tile.y != ys[row]:
                 if row + 1 >= len(ys) or tile.y != ys[row + 1]:
