@@ -205,6 +205,13 @@ def test_interpolate_equals_torch_f_interpolate():
         np.testing.assert_allclose(ours, expected, atol=6e-5, err_msg=f"{mode} {h}x{w} trial {trial}")
     img = rng.random((40, 30, 3), dtype=np.float32)
     assert interpolate(img, "bicubic", scale=1.0) is img and interpolate(img, "area", size=(40, 30)) is img
+    # a scale just above 1 keeps the size: torch copies for bilinear and area, not for bicubic
+    pixels = torch.from_numpy(img).permute(2, 0, 1)[None]
+    for mode in ("area", "bilinear", "bicubic"):
+        extra = {} if mode == "area" else {"align_corners": False}
+        expected = F.interpolate(pixels, scale_factor=1.01, mode=mode, **extra)[0].permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(interpolate(img, mode, scale=1.01), expected, atol=6e-5, err_msg=mode)
+    assert not np.allclose(interpolate(img, "bicubic", scale=1.01), img, atol=1e-3)
     # the scale call differs from resizing to the same size: it maps by 1 / scale, not by the size ratio
     s = 0.151
     by_scale, by_size = interpolate(img, "bilinear", scale=s), interpolate(img, "bilinear", size=(6, 4))

@@ -226,8 +226,17 @@ def interpolate(img: np.ndarray, interp: str, size: tuple[int, int] | None = Non
     else:
         height, width = int(size[0]), int(size[1])
     height, width = max(1, height), max(1, width)
-    if scale == 1.0 or (height, width) == (h, w):
-        return img  # the identity in every mode: no resampling at all
+    if (height, width) == (h, w):
+        if scale in (None, 1.0) or interp != "bicubic":
+            return img  # the identity: torch copies (bilinear, area) and so does OpenCV at the same size
+        # torch's bicubic still maps by 1 / scale at the same size, which OpenCV's copy would skip
+        # (a scale just above 1: floor(h * scale) == h); rare enough to call torch's own op
+        import torch
+        from torch.nn import functional as F
+
+        pixels = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None]
+        out = F.interpolate(pixels, scale_factor=scale, mode="bicubic", align_corners=False)
+        return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
     if interp == "area":
         return cv2.transpose(_adaptive_mean_rows(cv2.transpose(_adaptive_mean_rows(img, height)), width))
     if size is not None:
