@@ -68,6 +68,16 @@ def _interpolate_to(img: np.ndarray, height: int, width: int, interp: str) -> np
     return interpolate(img, interp, size=(height, width))
 
 
+def _interpolate_by(img: np.ndarray, scale: float, interp: str) -> np.ndarray:
+    """``F.interpolate(scale_factor=scale)``: ``floor(h * scale)``, pixels mapped by ``1 / scale``."""
+    return interpolate(img, interp, scale=scale)
+
+
+def _resize_by(img: np.ndarray, scale: float, interp: str) -> np.ndarray:
+    """What records without ``ops`` did: a resize to ``int(h * scale)``, mapped by the ratio of the sizes."""
+    return resize(img, int(img.shape[0] * scale), int(img.shape[1] * scale), interp)
+
+
 def degrade(hr: np.ndarray, params: DegradationParams, rng: np.random.Generator, scale: int) -> np.ndarray:
     """The second-order degradation of BasicSR's ``RealESRGANModel.feed_data`` on one RGB uint8 image.
 
@@ -83,19 +93,15 @@ def degrade(hr: np.ndarray, params: DegradationParams, rng: np.random.Generator,
     # a record's ``ops``: "torch", the scripts' F.interpolate and BasicSR's DiffJPEG; "opencv", OpenCV's
     # resize and libjpeg, what records without ``ops`` were made with
     if params.ops == "torch":
-        resize_to, compress = _interpolate_to, jpeg_torch
+        resize_by, resize_to, compress = _interpolate_by, _interpolate_to, jpeg_torch
     elif params.ops == "opencv":
-        resize_to, compress = resize, jpeg
+        resize_by, resize_to, compress = _resize_by, resize, jpeg
     else:
         raise ValueError(f"unknown degradation ops {params.ops!r}")
     out = uint8_to_unit(cv2.cvtColor(hr, cv2.COLOR_RGB2BGR))  # the channel order of spasem.degrade.ops
     # first order: blur, resize relative to the HR size, noise, JPEG
     out = _blur(out, params.blur1)
-    s1 = params.resize1.scale
-    if params.ops == "torch":  # F.interpolate(scale_factor=s1): floor(h * s1), mapped by 1 / s1
-        out = interpolate(out, params.resize1.interp, scale=s1)
-    else:
-        out = resize(out, int(h * s1), int(w * s1), params.resize1.interp)
+    out = resize_by(out, params.resize1.scale, params.resize1.interp)
     out = _noise(out, params.noise1, rng)
     out = compress(out, params.jpeg1.quality, clipped=True)  # the noise step clipped it
     # second order: the resize is relative to the target LR size, as in BasicSR

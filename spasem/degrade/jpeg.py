@@ -25,7 +25,6 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-_BLOCK = 8
 _PAD = 16  # DiffJPEG pads to 16: the chroma planes are then whole blocks too
 
 # the standard JPEG tables (ITU T.81 Annex K), row-major as the standard prints them
