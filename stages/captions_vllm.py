@@ -31,7 +31,7 @@ def prompt_rows(batch: dict[str, Any], section: CaptionsConfig, render: Callable
                 ) -> list[dict[str, Any]]:
     """One request row per (row, prompt) of a batch with ``key``, ``lr`` and maybe ``hr``: ``key``, ``answer``
     (the output column), ``prompt`` (through ``render``; the default is LLaVA-1.5's format, prepare
-    passes the texts its checkpoint's chat template renders) and ``image``.
+    passes the texts of ``annotate.captions.template``) and ``image``.
 
     The prompts and their images are :func:`stages.captions.caption_asks`' (the two XPSR prompts on the
     images ``high_on`` / ``low_on`` pick, the objects prompt on the LR), as the other backends ask them.

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from spasem.preprocess import ImageTransform
+from spasem.vlm.vllm_backend import chat_prompt
 
 
 def common_prefix_length(sequences: Sequence[torch.Tensor]) -> int:
@@ -74,8 +75,6 @@ class TransformersLlava:
         """The prompt as the model receives it: XPSR's format or the checkpoint's chat template
         (``template``; rendered once per prompt: Jinja is slow)."""
         if prompt not in self._texts:
-            from spasem.vlm.vllm_backend import chat_prompt
-
             self._texts[prompt] = chat_prompt(prompt, self.processor, self.template)
         return self._texts[prompt]
 

@@ -43,7 +43,8 @@ TEMPLATES = ("xpsr", "chat")
 
 def chat_prompt(prompt: str, processor: Any | None = None, template: str = "chat") -> str:
     """The text the model receives for one prompt (``annotate.captions.template``): ``xpsr``, XPSR's own
-    format; ``chat``, the processor's chat template, else LLaVA-1.5's format."""
+    format; ``chat``, the processor's chat template, else LLaVA-1.5's format. Every backend renders
+    its prompts here (the transformers one too), so they all send the same text."""
     if template not in TEMPLATES:
         raise ValueError(f"annotate.captions.template={template!r} is not known; use one of {', '.join(TEMPLATES)}")
     if template == "xpsr":
