@@ -3,11 +3,11 @@
 A ``ray.data.llm`` processor takes one request row per (image, prompt) and returns one answer row per
 request, in any order and in blocks of its own: it cannot sit in the chain of per-shard stages,
 which hand each stage one shard per call. So, for each wave of shards, prepare first streams the
-wave's request rows (:func:`stages.captions_vllm.prompt_rows`: the three prompts of every backend,
+wave's request rows (:func:`stages.captions_vllm.prompt_rows`: the prompts of every backend,
 each with its image) through the processor, which sizes its own vLLM engine pool in vLLM's own
 runtime_env, and gathers the answers, text only, by key. The chain then starts with
 :class:`AnsweredCaptions`, a task that turns each shard's answers into the captions stage's columns
-(``caption_high``, ``caption_low``, ``objects``) with the cleaning and parsing of every backend, so
+(``caption_high``, ``caption_low``, ``caption_low_hr``, ``objects``) with the cleaning and parsing of every backend, so
 ``caption.json`` and the markers' model id do not depend on the backend. A key whose answers did not
 all come back becomes a reject naming the missing prompts, like any failed row.
 

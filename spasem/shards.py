@@ -176,18 +176,19 @@ def load_marker(store: Store, index: int) -> dict[str, Any]:
 PAIRS_DIR = "pairs"    # the shard phase's output and the annotate phase's input
 FINAL_DIR = "shards"   # the final, annotated shards
 IMAGE_MEMBERS = ("hr.png", "lr.png")
-NPY_MEMBERS = ("clip_lr", "dino_lr", "clip_hr", "dino_hr", "text", "latent")
+NPY_MEMBERS = ("clip_lr", "dino_lr", "clip_hr", "dino_hr", "text", "text_low_hr", "latent")
 MEMBERS = {
     "hr.png": "HR crop, RGB uint8",
     "lr.png": "degraded LR, RGB uint8",
     "json": "record: key, source, crop, seed, degradation",
-    "caption.json": "captions: high, low, model",
+    "caption.json": "captions: high, low, low_hr (the HR's quality caption, when asked), model",
     "boxes.json": "grounding: phrases, boxes (normalized), scores, model",
     "clip_lr.npy": "fp16 CLIP tokens of the LR [tokens, dim]",
     "dino_lr.npy": "fp16 DINOv2 tokens of the LR [tokens, dim]",
     "clip_hr.npy": "fp16 pooled CLIP feature of the HR [dim]",
     "dino_hr.npy": "fp16 pooled DINOv2 feature of the HR [dim]",
     "text.npy": "fp16 text-encoder states of the captions [2, 77, dim]",
+    "text_low_hr.npy": "fp16 text-encoder states of the HR's quality caption [77, dim]",
     "latent.npy": "fp16 VAE posterior of the HR [2C, h, w] (mean, logvar)",
 }
 
@@ -201,9 +202,10 @@ def encode_annotations(row: dict[str, Any], stages: dict[str, str]) -> dict[str,
     """The annotation members of one annotated row, as encoded bytes (``stages``: name -> model id)."""
     members: dict[str, bytes] = {}
     if "caption_high" in row and "captions" in stages:
-        members["caption.json"] = encode_json(
-            {"high": str(row["caption_high"]), "low": str(row["caption_low"]), "model": stages["captions"]}
-        )
+        caption = {"high": str(row["caption_high"]), "low": str(row["caption_low"])}
+        if row.get("caption_low_hr") is not None:
+            caption["low_hr"] = str(row["caption_low_hr"])
+        members["caption.json"] = encode_json({**caption, "model": stages["captions"]})
     if "boxes" in row and "grounding" in stages:
         boxes = np.asarray(row["boxes"], np.float64).reshape(-1, 4)
         members["boxes.json"] = encode_json({
@@ -225,6 +227,8 @@ def decode_annotations(members: dict[str, bytes]) -> dict[str, Any]:
     if "caption.json" in members:
         caption = decode_member("json", members["caption.json"])
         out.update(caption_high=str(caption.get("high", "")), caption_low=str(caption.get("low", "")))
+        if "low_hr" in caption:
+            out["caption_low_hr"] = str(caption["low_hr"])
     if "boxes.json" in members:
         boxes = decode_member("json", members["boxes.json"])
         phrases = [str(p) for p in boxes.get("phrases", [])]

@@ -3,8 +3,10 @@
 Each prompt is asked about the image XPSR uses for it (``annotate.captions.high_on``, ``low_on``):
 in training the high-level caption describes the HR and the quality caption the LR, as XPSR's
 ``localdataset.py`` pairs them; where there is no HR (upscale, as XPSR's ``test.py``) every prompt
-goes to the LR. A third prompt (``objects_prompt``) asks the LR, the image grounding runs on, for
-its objects as short noun phrases; :func:`spasem.vlm.phrases.parse_objects` turns the answer into
+goes to the LR. With ``low_hr`` the quality prompt is also asked about the HR (``caption_low_hr``),
+as XPSR's ``lowlevel_prompt_train.py`` captions both images: training conditions a share of samples on
+the HR with that caption (``model.original_image_ratio``). The objects prompt (``objects_prompt``) asks
+the LR, the image grounding runs on, for its objects as short noun phrases; :func:`spasem.vlm.phrases.parse_objects` turns the answer into
 at most ``max_objects`` queries for the grounding stage. Prompts about the same image run in one
 call, so the backend shares that image's prefix between them. Generation is batched, left-padded
 and greedy, so the same image always gets the same answers.
@@ -58,10 +60,12 @@ def caption_asks(section: CaptionsConfig, has_hr: bool) -> dict[str, list[tuple[
     """Image column (``hr`` | ``lr``) -> the (output column, prompt) pairs asked about it, in asking order.
 
     ``high_on`` / ``low_on`` pick the image of the two XPSR prompts (``hr`` falls back to ``lr`` without
-    an HR, as in upscale); the objects prompt asks the LR, the image grounding runs on. Every backend
-    asks exactly these.
+    an HR, as in upscale); ``low_hr`` asks the quality prompt about the HR too, only where there is one;
+    the objects prompt asks the LR, the image grounding runs on. Every backend asks exactly these.
     """
     asks = [("caption_high", section.high_on, section.high_prompt), ("caption_low", section.low_on, section.low_prompt)]
+    if section.low_hr and has_hr:
+        asks.append(("caption_low_hr", "hr", section.low_prompt))
     if section.max_objects > 0:
         asks.append(("objects", "lr", section.objects_prompt))
     groups: dict[str, list[tuple[str, str]]] = {}
@@ -70,15 +74,25 @@ def caption_asks(section: CaptionsConfig, has_hr: bool) -> dict[str, list[tuple[
     return groups
 
 
+def asked_columns(section: CaptionsConfig, has_hr: bool) -> list[str]:
+    """The output columns :func:`caption_asks` fills, in asking order."""
+    return [name for pairs in caption_asks(section, has_hr).values() for name, _ in pairs]
+
+
 def caption_row(answers: dict[str, str], max_objects: int) -> dict[str, Any]:
-    """One row's columns from its answers by output name: the captions as they are, the objects answer
-    parsed into at most ``max_objects`` phrases (what the grounding stage queries)."""
-    return {"caption_high": answers["caption_high"], "caption_low": answers["caption_low"],
-            "objects": parse_objects(answers.get("objects", ""), max_objects)}
+    """One row's columns from its answers by output name: the captions as they are (``caption_low_hr``
+    when it was asked), the objects answer parsed into at most ``max_objects`` phrases (what the
+    grounding stage queries)."""
+    row = {"caption_high": answers["caption_high"], "caption_low": answers["caption_low"],
+           "objects": parse_objects(answers.get("objects", ""), max_objects)}
+    if "caption_low_hr" in answers:
+        row["caption_low_hr"] = answers["caption_low_hr"]
+    return row
 
 
 class Captioner(AnnotationStage):
-    """Adds ``caption_high``, ``caption_low`` (str) and ``objects`` (list of str) to each row."""
+    """Adds ``caption_high``, ``caption_low`` (str), ``objects`` (list of str) and, with ``low_hr`` and an
+    HR, ``caption_low_hr`` (str) to each row."""
 
     name = "captions"
 
@@ -106,4 +120,4 @@ class Captioner(AnnotationStage):
         return [caption_row(row, self.cfg.max_objects) for row in answers]
 
     def placeholder(self, batch: dict[str, Any], row: int) -> dict[str, Any]:
-        return {"caption_high": "", "caption_low": "", "objects": []}
+        return caption_row(dict.fromkeys(asked_columns(self.cfg, "hr" in batch), ""), self.cfg.max_objects)

@@ -8,7 +8,7 @@ template and the image; ray.data.llm's chat-template, tokenize and detokenize st
 because vLLM tokenizes the prompt itself and returns text. Requests are greedy and prefix-cached,
 with the same prompts and cleaning as the other backends (:mod:`spasem.vlm.vllm_backend`).
 
-:func:`prompt_rows` expands image rows into request rows, the three prompts of the other backends
+:func:`prompt_rows` expands image rows into request rows, the prompts of the other backends
 each with its image (:func:`stages.captions.caption_asks`), and :func:`caption_columns` folds the
 answers back per key into the captions stage's columns (the objects answer parsed into the phrases
 grounding queries), so only keys and text move after the engine, never pixels.
@@ -24,7 +24,7 @@ import numpy as np
 from spasem.columns import object_array
 from spasem.config.annotate import CaptionsConfig, ModelsConfig
 from spasem.vlm.vllm_backend import RUNTIME_ENV, chat_prompt, clean, engine_kwargs, sampling_params
-from stages.captions import caption_asks, caption_row
+from stages.captions import asked_columns, caption_asks, caption_row
 
 
 def prompt_rows(batch: dict[str, Any], section: CaptionsConfig, render: Callable[[str], str] = chat_prompt
@@ -61,17 +61,19 @@ def collect_answers(rows: Sequence[dict[str, Any]], names: Sequence[str], keys: 
 
 
 def asked_names(section: CaptionsConfig) -> list[str]:
-    """The output columns a sample's answers must fill: one per prompt :func:`caption_asks` asks."""
-    return [name for pairs in caption_asks(section, True).values() for name, _ in pairs]
+    """The output columns a training sample's answers must fill: one per prompt :func:`caption_asks` asks."""
+    return asked_columns(section, True)
 
 
 def caption_columns(rows: Sequence[dict[str, Any]], section: CaptionsConfig, keys: Sequence[str]
                     ) -> dict[str, np.ndarray]:
     """Answer rows -> the captions stage's columns for ``keys``, in order: ``caption_high``, ``caption_low``
-    (the ``caption.json`` member) and ``objects`` (the phrases the grounding stage queries)."""
+    (and ``caption_low_hr`` when asked: the ``caption.json`` member) and ``objects`` (the phrases the
+    grounding stage queries)."""
     answers = collect_answers(rows, asked_names(section), keys)
     out = [caption_row(answers[str(key)], section.max_objects) for key in keys]
-    return {name: object_array([row[name] for row in out]) for name in ("caption_high", "caption_low", "objects")}
+    names = [n for n in ("caption_high", "caption_low", "caption_low_hr", "objects") if not out or n in out[0]]
+    return {name: object_array([row[name] for row in out]) for name in names}
 
 
 def _preprocess(max_new_tokens: int):

@@ -1,7 +1,8 @@
 """Encode stage: the frozen SD text encoder's states of both captions and the VAE posterior of HR.
 
 ``text`` ``[2, 77, D]`` holds the high- and low-level captions' last hidden states (empty strings when
-the captions stage is off: the unconditional embedding). ``latent`` ``[2C, H/8, W/8]`` is the VAE's
+the captions stage is off: the unconditional embedding); ``text_low_hr`` ``[77, D]`` the HR's quality
+caption's, when the captions stage asked for it (``annotate.captions.low_hr``). ``latent`` ``[2C, H/8, W/8]`` is the VAE's
 posterior (mean, logvar) of the HR crop, only when the batch has ``hr``; training samples from it, so
 one shard serves every epoch with fresh latent noise. Both stored fp16.
 """
@@ -21,7 +22,8 @@ from stages.annotations import AnnotationStage
 
 
 class Encoder(AnnotationStage):
-    """Adds ``text`` (fp16 ``[2,77,D]``) and, with ``hr``, ``latent`` (fp16 ``[2C,h,w]``)."""
+    """Adds ``text`` (fp16 ``[2,77,D]``), ``text_low_hr`` (fp16 ``[77,D]``) with ``caption_low_hr`` and,
+    with ``hr``, ``latent`` (fp16 ``[2C,h,w]``)."""
 
     name = "encode"
 
@@ -46,14 +48,15 @@ class Encoder(AnnotationStage):
 
     @torch.no_grad()
     def process(self, batch: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
-        if "caption_high" in batch:
-            high = [str(batch["caption_high"][i]) for i in rows]
-            low = [str(batch["caption_low"][i]) for i in rows]
-        else:
-            high = low = [""] * len(rows)
-        states = encode_prompts(self.tokenizer, self.text_encoder, high + low).float().cpu()
-        text = torch.stack([states[: len(rows)], states[len(rows) :]], dim=1).numpy().astype(np.float16)
-        out = [{"text": text[n]} for n in range(len(rows))]
+        n_rows = len(rows)
+        columns = [c for c in ("caption_high", "caption_low", "caption_low_hr") if c in batch]
+        prompts = [str(batch[c][i]) for c in columns for i in rows] if columns else [""] * (2 * n_rows)
+        states = encode_prompts(self.tokenizer, self.text_encoder, prompts).float().cpu().numpy().astype(np.float16)
+        states = states.reshape(-1, n_rows, *states.shape[1:])  # (prompt column, row, 77, D)
+        out = [{"text": states[:2, n]} for n in range(n_rows)]
+        if "caption_low_hr" in batch:
+            for n, row in enumerate(out):
+                row["text_low_hr"] = states[2, n]
         if "hr" in batch:
             pixels = images_to_tensor(take_rows(batch["hr"], rows), self.device)
             latent = vae_posterior(self.vae, pixels).float().cpu().numpy().astype(np.float16)
@@ -63,6 +66,8 @@ class Encoder(AnnotationStage):
 
     def placeholder(self, batch: dict[str, Any], row: int) -> dict[str, Any]:
         out = {"text": np.zeros((2, 77, self.width), np.float16)}
+        if "caption_low_hr" in batch:
+            out["text_low_hr"] = np.zeros((77, self.width), np.float16)
         if "hr" in batch:
             h, w = np.asarray(batch["hr"][row]).shape[:2]
             out["latent"] = np.zeros((2 * self.channels, h // self.factor, w // self.factor), np.float16)

@@ -14,7 +14,8 @@ from pipeline.prepare import main as prepare_main
 from spasem.shards import read_tar
 from tests.conftest import demo_prepare_args, failing_on_key
 
-NPY = {"clip_lr.npy": 2, "dino_lr.npy": 2, "clip_hr.npy": 1, "dino_hr.npy": 1, "text.npy": 3, "latent.npy": 3}
+NPY = {"clip_lr.npy": 2, "dino_lr.npy": 2, "clip_hr.npy": 1, "dino_hr.npy": 1, "text.npy": 3, "text_low_hr.npy": 2,
+       "latent.npy": 3}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_every_member_with_design_dtype_and_shape(annotated):
             assert np.isfinite(arr).all()
         assert np.load(io.BytesIO(members["text.npy"]))[0].shape[0] == 77
         caption = json.loads(members["caption.json"])
-        assert set(caption) == {"high", "low", "model"}
+        assert set(caption) == {"high", "low", "low_hr", "model"}  # low_hr: the HR's quality (XPSR's _q_GT)
         boxes = json.loads(members["boxes.json"])
         assert set(boxes) == {"phrases", "boxes", "scores", "model"}
         assert all(0 <= v <= 1 for box in boxes["boxes"] for v in box)

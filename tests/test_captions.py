@@ -83,10 +83,15 @@ def test_joint_path_gives_the_captions_of_the_processors_inputs(llava):
 
 
 @pytest.mark.parametrize("overrides, has_hr, expected", [
-    ([], True, {"hr": ["caption_high"], "lr": ["caption_low", "objects"]}),
-    ([], False, {"lr": ["caption_high", "caption_low", "objects"]}),
-    (["annotate.captions.high_on=lr"], True, {"lr": ["caption_high", "caption_low", "objects"]}),
-    (["annotate.captions.low_on=hr", "annotate.captions.max_objects=0"], True, {"hr": ["caption_high", "caption_low"]}),
+    # XPSR: content of the HR, quality of the LR, and (its lowlevel_prompt_q_GT) quality of the HR too
+    ([], True, {"hr": ["caption_high", "caption_low_hr"], "lr": ["caption_low", "objects"]}),
+    ([], False, {"lr": ["caption_high", "caption_low", "objects"]}),  # upscale: no HR, no caption_low_hr
+    (["annotate.captions.low_hr=false"], True, {"hr": ["caption_high"], "lr": ["caption_low", "objects"]}),
+    (["annotate.captions.high_on=lr", "annotate.captions.low_hr=false"], True,
+     {"lr": ["caption_high", "caption_low", "objects"]}),
+    (["annotate.captions.high_on=lr"], True, {"lr": ["caption_high", "caption_low", "objects"], "hr": ["caption_low_hr"]}),
+    (["annotate.captions.low_on=hr", "annotate.captions.max_objects=0"], True,
+     {"hr": ["caption_high", "caption_low", "caption_low_hr"]}),
 ])
 def test_each_prompt_is_asked_about_xpsrs_image(overrides, has_hr, expected):
     section = load_config(None, overrides).annotate.captions
@@ -95,9 +100,12 @@ def test_each_prompt_is_asked_about_xpsrs_image(overrides, has_hr, expected):
     prompts = {name: prompt for pairs in asks.values() for name, prompt in pairs}
     assert prompts.get("objects", section.objects_prompt) == section.objects_prompt
     assert (prompts["caption_high"], prompts["caption_low"]) == (section.high_prompt, section.low_prompt)
+    assert prompts.get("caption_low_hr", section.low_prompt) == section.low_prompt
 
 
 def test_a_rows_columns_from_its_answers():
     row = caption_row({"caption_high": "a cat", "caption_low": "sharp", "objects": "A cat, two red cars"}, 8)
     assert row == {"caption_high": "a cat", "caption_low": "sharp", "objects": ["cat", "red cars"]}
     assert caption_row({"caption_high": "a", "caption_low": "b"}, 8)["objects"] == []  # objects prompt off
+    with_hr = caption_row({"caption_high": "a", "caption_low": "b", "caption_low_hr": "c"}, 8)
+    assert with_hr["caption_low_hr"] == "c" and "caption_low_hr" not in row

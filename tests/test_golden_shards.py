@@ -7,7 +7,9 @@
 same pixels as before, every other member stayed byte-identical), and when the degradations took the
 papers' torch ops (``ops: torch`` in the record: F.interpolate's mapping and area mode, BasicSR's DiffJPEG
 at a float quality), which changed every LR and record; then for the mirrored crops (``flip``), and
-for the captions in XPSR's prompt format (only the final shards changed). A refactor that changes a byte of a
+for the captions in XPSR's prompt format (only the final shards changed), and when the captions stage
+asked the quality prompt about the HR too (``low_hr`` in caption.json, ``text_low_hr.npy``; only the final
+shards changed). A refactor that changes a byte of a
 shard fails here; a change meant to alter shards (a new preset default, another grounding image)
 updates the table and says why in its commit.
 """

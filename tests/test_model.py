@@ -282,3 +282,66 @@ def test_dfc_x0_builds_no_heads_and_the_objective_keeps_the_x0_pyramids(unet, ti
     with torch.no_grad():
         out = obj(make_batch(2), generator=torch.Generator().manual_seed(0))
     assert set(out) == {"loss", "diffusion", "degradation_free", "semantic"}
+
+
+def _spy_controlled_unet(monkeypatch) -> list[dict]:
+    """Records the ControlNet's control image and conditioning of every objective forward."""
+    import training.objective as objective_module
+
+    calls, real = [], objective_module.controlled_unet
+
+    def spy(unet, controlnet, noisy, timesteps, control, text_high, **kwargs):
+        calls.append(dict(control=control.detach().clone(), text_high=text_high.detach().clone(),
+                          **{k: v.detach().clone() for k, v in kwargs.items() if torch.is_tensor(v)}))
+        return real(unet, controlnet, noisy, timesteps, control, text_high, **kwargs)
+
+    monkeypatch.setattr(objective_module, "controlled_unet", spy)
+    return calls
+
+
+def test_original_image_ratio_conditions_on_the_hr_with_its_quality_caption(objective, tiny, monkeypatch, caplog):
+    """XPSR's original_image_ratio: a picked sample's ControlNet input, quality text and visual tokens are
+    its HR's; the others keep their LR's. Eval never swaps; shards without the HR's caption never swap."""
+    from training.objective import control_image
+
+    n = 8
+    batch = dict(make_batch(n, seed=9), caption_low_hr=[f"sharp clean photo {i}" for i in range(n)])
+    encoders = ImageEncoders.load(tiny["clip_vision"], tiny["dinov2"])
+    hr_tokens = encoders.encode(signed_to_hwc(batch["hr"]))["clip_tokens"]
+    lr_tokens = encoders.encode(signed_to_hwc(batch["lr"]))["clip_tokens"]
+    low = encode_prompts(objective.tokenizer, objective.text_encoder, batch["caption_low"])
+    low_hr = encode_prompts(objective.tokenizer, objective.text_encoder, batch["caption_low_hr"])
+    lr_control = control_image(batch["lr"], (64, 64))
+    calls = _spy_controlled_unet(monkeypatch)
+    saved = objective.model_cfg
+    none = saved.dropout.model_copy(update={"text_high": 0, "text_low": 0, "grounding": 0, "visual": 0})
+    try:
+        for ratio in (1.0, 0.5, 0.0):
+            objective.model_cfg = saved.model_copy(update={"original_image_ratio": ratio, "dropout": none})
+            with torch.no_grad():
+                objective(batch, generator=torch.Generator().manual_seed(4))
+        objective.eval()
+        objective.model_cfg = saved.model_copy(update={"original_image_ratio": 1.0, "dropout": none})
+        with torch.no_grad():
+            objective(batch, generator=torch.Generator().manual_seed(4))
+        objective.train()
+        with torch.no_grad(), caplog.at_level("WARNING"):  # shards annotated without annotate.captions.low_hr
+            objective({k: v for k, v in batch.items() if k != "caption_low_hr"}, generator=torch.Generator().manual_seed(4))
+    finally:
+        objective.model_cfg = saved
+        objective.train()
+    picked_per_call = []
+    for call in calls:
+        on_hr = [bool(torch.equal(call["control"][i], batch["hr"][i])) for i in range(n)]
+        for i in range(n):
+            if on_hr[i]:
+                torch.testing.assert_close(call["text_low"][i], low_hr[i])
+                torch.testing.assert_close(call["clip_tokens"][i], hr_tokens[i], rtol=1e-4, atol=1e-4)
+            else:
+                torch.testing.assert_close(call["control"][i], lr_control[i])
+                torch.testing.assert_close(call["text_low"][i], low[i])
+                torch.testing.assert_close(call["clip_tokens"][i], lr_tokens[i], rtol=1e-4, atol=1e-4)
+        picked_per_call.append(sum(on_hr))
+    # ratio 1, ratio 0.5 (this seed picks some, not all), ratio 0, eval, no HR caption
+    assert picked_per_call[0] == n and 0 < picked_per_call[1] < n and picked_per_call[2:] == [0, 0, 0]
+    assert "no quality caption of the HR" in caplog.text

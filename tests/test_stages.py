@@ -71,6 +71,19 @@ def test_all_stages_add_their_columns_with_design_shapes(annotated):
     assert out["text"].shape == (5, 2, 77, tiny_sd.TEXT_DIM) and out["text"].dtype == np.float16
     assert out["latent"].shape == (5, 8, HR // 8, HR // 8) and out["latent"].dtype == np.float16
     assert not np.array_equal(out["text"][:, 0], out["text"][:, 1])  # high and low captions differ
+    # the HR's quality caption (low_hr) and its states, what training conditions on with the HR
+    assert all(out["caption_low_hr"]) and out["text_low_hr"].shape == (5, 77, tiny_sd.TEXT_DIM)
+    assert out["text_low_hr"].dtype == np.float16
+
+
+def test_text_states_are_the_text_encoders_of_each_caption(stages, annotated):
+    from spasem.encoders import encode_prompts
+
+    encoder = stages[-1]
+    for column, states in (("caption_high", annotated["text"][:, 0]), ("caption_low", annotated["text"][:, 1]),
+                           ("caption_low_hr", annotated["text_low_hr"])):
+        expected = encode_prompts(encoder.tokenizer, encoder.text_encoder, [str(c) for c in annotated[column]])
+        np.testing.assert_allclose(states.astype(np.float32), expected.float().numpy(), atol=2e-3, rtol=2e-3)
 
 
 def test_same_input_same_annotations(stages, annotated):
@@ -142,11 +155,15 @@ def test_captions_ask_each_prompt_about_xpsrs_image(cfg, paths, high_on, with_hr
     high_px = HR if high_on == "hr" and with_hr else LR
     assert list(out["caption_high"]) == [f"{high_px}px"] * 3 and list(out["caption_low"]) == [f"{LR}px"] * 3
     assert [list(o) for o in out["objects"]] == [["red car", "dog"]] * 3  # parsed from the LR's object list
+    # low_hr (default): the quality of the HR too, as XPSR's lowlevel_prompt_q_GT; upscale has no HR
+    assert list(out.get("caption_low_hr", [])) == ([f"{HR}px"] * 3 if with_hr else [])
     # prompts about one image go in one call, so the backend shares that image's prefix between them
     lr_prompts = {p for px, prompts in backend.calls if px == LR for p in prompts}
+    hr_prompts = {p for px, prompts in backend.calls if px == HR for p in prompts}
     assert {section.low_prompt, section.objects_prompt} <= lr_prompts
     assert (section.high_prompt in lr_prompts) == (high_px == LR)
-    assert len(backend.calls) == (2 if high_px == HR else 1) * 2  # per micro-batch (shards 0 and 1)
+    assert hr_prompts == ({section.low_prompt} | ({section.high_prompt} if high_px == HR else set()) if with_hr else set())
+    assert len(backend.calls) == (2 if with_hr else 1) * 2  # per micro-batch (shards 0 and 1)
 
 
 @pytest.mark.parametrize("lr_shape", [(16, 16), (16, 24)], ids=["square", "wide"])
@@ -275,12 +292,17 @@ def test_members_round_trip_without_pickle(annotated):
     row = {k: v[0] for k, v in annotated.items()}
     members = encode_annotations(row, {"captions": "llava-x", "grounding": "gdino-x"})
     assert {"caption.json", "boxes.json", "clip_lr.npy", "dino_lr.npy", "clip_hr.npy", "dino_hr.npy",
-            "text.npy", "latent.npy"} == set(members)
-    for name in ("clip_lr", "text", "latent"):
+            "text.npy", "text_low_hr.npy", "latent.npy"} == set(members)
+    for name in ("clip_lr", "text", "text_low_hr", "latent"):
         arr = np.load(io.BytesIO(members[f"{name}.npy"]), allow_pickle=False)
         assert arr.dtype == np.float16 and np.array_equal(arr, row[name])
     back = decode_annotations(members)
     assert back["caption_high"] == row["caption_high"] and back["phrases"] == list(row["phrases"])
+    assert back["caption_low_hr"] == row["caption_low_hr"]
+    assert row["text_low_hr"].shape == row["text"].shape[1:]
+    # a sample annotated without low_hr has neither member, and reads back without the column
+    bare = encode_annotations({k: v for k, v in row.items() if not k.endswith("low_hr")}, {"captions": "llava-x"})
+    assert "text_low_hr.npy" not in bare and "caption_low_hr" not in decode_annotations(bare)
     assert back["boxes"].shape == (len(row["phrases"]), 4)
 
 

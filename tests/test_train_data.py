@@ -30,7 +30,9 @@ def _write_shards(folder: Path, counts: list[int], annotated: bool) -> list[list
                       "lr.png": encode_png(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)),
                       "json": encode_json({"key": key}), "extra.pyd": b"never decoded"}
             if annotated:
-                sample.update({"caption.json": encode_json({"high": f"photo {key}", "low": "sharp", "model": "t"}),
+                sample.update({"caption.json": encode_json({"high": f"photo {key}", "low": "sharp",
+                                                            "low_hr": f"clean {key}", "model": "t"}),
+                               "text_low_hr.npy": encode_npy(rng.standard_normal((77, 16)).astype(np.float16)),
                                "boxes.json": encode_json({"phrases": ["cat", "dog"], "boxes": [[0, 0, .5, .5], [.5, .5, 1, 1]],
                                                           "scores": [.9, .8], "model": "t"}),
                                "latent.npy": encode_npy(rng.standard_normal((8, 4, 4)).astype(np.float16))})
@@ -112,13 +114,15 @@ def test_worker_streams_follow_the_plan_and_spread_the_crops_of_a_photo(tmp_path
 def test_annotated_members_are_decoded_and_padded(tmp_path, ray_cluster):
     _write_shards(tmp_path / "shards", [2, 2], annotated=True)
     plan = training_shards(str(tmp_path))
-    assert set(plan.members) == {"latent.npy", "caption.json", "boxes.json"}
+    assert set(plan.members) == {"latent.npy", "text_low_hr.npy", "caption.json", "boxes.json"}
     ds = rank_dataset(plan, 0, 1, 2, 1, 0, 0, 2, max_boxes=4)
     batch = to_torch(next(iter(ds.iter_batches(batch_size=2, batch_format="numpy"))))
     assert batch["hr"].shape == (2, 3, 32, 32) and batch["lr"].shape == (2, 3, 8, 8)
     assert -1.0 <= float(batch["hr"].min()) and float(batch["hr"].max()) <= 1.0
     assert batch["latent"].shape == (2, 8, 4, 4) and batch["caption_high"][0].startswith("photo img0")
     assert batch["phrases"] == [["cat", "dog"], ["cat", "dog"]]
+    # the HR's quality caption and its states: what model.original_image_ratio conditions on
+    assert batch["caption_low_hr"] == [f"clean {k}" for k in batch["key"]] and batch["text_low_hr"].shape == (2, 77, 16)
     assert batch["boxes"].shape == (2, 4, 4) and batch["box_mask"].tolist() == [[1, 1, 0, 0]] * 2
     assert "extra" not in batch and "extra.pyd" not in batch  # unknown members never leave the tar
 

@@ -139,13 +139,14 @@ def test_captions_stage_on_vllm_writes_the_same_members_and_model_id(llava, fake
     assert list(out["status"]) == ["ok", "ok"]
     requests, params = fake_vllm.calls[0]
     assert params["temperature"] == 0.0 and params["max_tokens"] == 24
-    # the three prompts of the transformers backend, each about its image: high on the HR (high_on: hr),
-    # quality and objects on the LR, all in one generate so the engine schedules them together
+    # the prompts of the transformers backend, each about its image: high and quality on the HR (high_on:
+    # hr, low_hr), quality and objects on the LR, all in one generate so the engine schedules them together
     asked = {(r["prompt"], np.asarray(r["multi_modal_data"]["image"]).shape[0])
              for requests, _ in fake_vllm.calls for r in requests}
     xpsr = "<image>\nUSER: {} \nASSISTANT:".format  # annotate.captions.template: xpsr, the default
-    assert asked == {(xpsr(section.high_prompt), 64), (xpsr(section.low_prompt), 16), (xpsr(section.objects_prompt), 16)}
-    assert len(fake_vllm.calls) == 1 and len(fake_vllm.calls[0][0]) == 3 * 2  # one generate per micro-batch
+    assert asked == {(xpsr(section.high_prompt), 64), (xpsr(section.low_prompt), 64), (xpsr(section.low_prompt), 16),
+                     (xpsr(section.objects_prompt), 16)}
+    assert len(fake_vllm.calls) == 1 and len(fake_vllm.calls[0][0]) == 4 * 2  # one generate per micro-batch
     assert [list(o) for o in out["objects"]] == [["red car", "dogs"]] * 2  # the column grounding reads
     # the fake answers with the prompt's tail, cleaned as the transformers backend cleans
     assert out["caption_high"][0] == " ".join(xpsr(cfg.annotate.captions.high_prompt)[-30:].split())
@@ -154,11 +155,12 @@ def test_captions_stage_on_vllm_writes_the_same_members_and_model_id(llava, fake
     assert ids == stage_ids(load_config(None, []), ["captions"])  # the backend is not part of the model id
     row = {k: v[0] for k, v in out.items()}
     caption = decode_member("json", encode_annotations(row, ids)["caption.json"])
-    assert caption == {"high": out["caption_high"][0], "low": out["caption_low"][0], "model": ids["captions"]}
+    assert caption == {"high": out["caption_high"][0], "low": out["caption_low"][0],
+                       "low_hr": out["caption_low_hr"][0], "model": ids["captions"]}
 
 
 @pytest.mark.parametrize("high_on, with_hr", [("hr", True), ("lr", True), ("hr", False)])
-def test_ray_data_llm_asks_the_three_prompts_each_about_its_image(high_on, with_hr):
+def test_ray_data_llm_asks_the_prompts_each_about_its_image(high_on, with_hr):
     """Request rows for ray.data.llm: the prompts and images of the other backends, a row's requests together."""
     section = load_config(None, [f"annotate.captions.high_on={high_on}"]).annotate.captions
     batch = {"key": np.asarray(["k1", "k2"], object), "lr": np.zeros((2, 4, 4, 3), np.uint8)}
@@ -168,12 +170,16 @@ def test_ray_data_llm_asks_the_three_prompts_each_about_its_image(high_on, with_
     high_px = 16 if high_on == "hr" and with_hr else 4
     expected = [("caption_high", section.high_prompt, high_px), ("caption_low", section.low_prompt, 4),
                 ("objects", section.objects_prompt, 4)]
-    expected = sorted(expected, key=lambda e: e[2] != high_px)  # an image's prompts next to each other
+    if with_hr:  # low_hr: the quality prompt about the HR too, only where there is one
+        expected.append(("caption_low_hr", section.low_prompt, 16))
+    # an image's prompts next to each other, the high caption's image first
+    expected = sorted(expected, key=lambda e: e[2] != high_px)
     assert [(r["key"], r["answer"], r["prompt"], r["image"].shape[0]) for r in rows] == [
         (key, name, f"<{prompt}>", px) for key in ("k1", "k2") for name, prompt, px in expected]
     assert all(r["image"].dtype == np.uint8 for r in rows)
     no_objects = section.model_copy(update={"max_objects": 0})
-    assert {r["answer"] for r in prompt_rows(batch, no_objects)} == {"caption_high", "caption_low"}
+    assert {r["answer"] for r in prompt_rows(batch, no_objects)} == {"caption_high", "caption_low"} | (
+        {"caption_low_hr"} if with_hr else set())
 
 
 def test_ray_data_llm_answers_become_the_captions_columns_grounding_reads():
@@ -196,7 +202,9 @@ def test_ray_data_llm_answers_become_the_captions_columns_grounding_reads():
     row = {name: values[1] for name, values in columns.items()}
     ids = stage_ids(cfg, ["captions"])
     assert decode_member("json", encode_annotations(row, ids)["caption.json"]) == {
-        "high": f"{high} k1", "low": row["caption_low"], "model": ids["captions"]}
+        "high": f"{high} k1", "low": row["caption_low"], "low_hr": row["caption_low_hr"], "model": ids["captions"]}
+    low = " ".join(chat_prompt(section.low_prompt)[-30:].split())
+    assert list(columns["caption_low_hr"]) == [f"{low} k2", f"{low} k1"]
     with pytest.raises(RuntimeError, match="'k1' has no answer for \\['objects'\\]"):
         caption_columns([a for a in answers if (a["key"], a["answer"]) != ("k1", "objects")], section, ["k1", "k2"])
 

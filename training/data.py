@@ -208,6 +208,8 @@ class DecodeBatch:
         out.update(caption_high=np.asarray([r.get("caption_high", "") for r in rows], dtype=object),
                    caption_low=np.asarray([r.get("caption_low", "") for r in rows], dtype=object),
                    phrases=phrases, boxes=boxes, box_mask=mask)
+        if rows and all("caption_low_hr" in r for r in rows):  # the HR's quality caption, where asked
+            out["caption_low_hr"] = np.asarray([r["caption_low_hr"] for r in rows], dtype=object)
         for member in self.members:
             if member.endswith(".npy"):
                 out[member[:-4]] = np.stack([r[member[:-4]] for r in rows])
@@ -250,7 +252,7 @@ def to_torch(batch: dict[str, np.ndarray], device: torch.device | str = "cpu") -
     """A decoded numpy batch -> the objective's batch (tensors on ``device``, lists of str)."""
     out: dict[str, Any] = {}
     for name, value in batch.items():
-        if name in ("key", "caption_high", "caption_low"):
+        if name in ("key", "caption_high", "caption_low", "caption_low_hr"):
             out[name] = [str(v) for v in value]
         elif name == "phrases":
             out[name] = [[str(p) for p in row if str(p)] for row in value]

@@ -50,6 +50,7 @@ class SRObjective(nn.Module):
             module.eval().requires_grad_(False)
         self.controlnet.train().requires_grad_(True)
         self._empty_text: torch.Tensor | None = None
+        self._warned_no_hr_caption = False
 
     @classmethod
     def from_paths(cls, paths: Mapping[str, str], model_cfg: ModelConfig, loss_cfg: LossConfig,
@@ -122,11 +123,50 @@ class SRObjective(nn.Module):
             value = value if value is not None else (lr_feats if name.endswith("lr") else hr_feats).get(online)
             if value is not None:
                 out[name] = value.to(dev).float()
+        if batch.get("text_low_hr") is not None:
+            out["text_low_hr"] = batch["text_low_hr"].to(dev).float()
+        elif batch.get("caption_low_hr") is not None and self.model_cfg.original_image_ratio > 0:
+            out["text_low_hr"] = encode_prompts(self.tokenizer, self.text_encoder, list(batch["caption_low_hr"])).float()
         if batch.get("latent") is not None:
             out["posterior"] = batch["latent"].to(dev).float()
         else:
             out["posterior"] = vae_posterior(self.vae, hr).float()
         return out
+
+    def condition_on_hr(self, cond: dict[str, torch.Tensor], hr: torch.Tensor, control: torch.Tensor,
+                        generator: torch.Generator | None) -> torch.Tensor:
+        """XPSR's ``original_image_ratio`` (``dataloader/localdataset.py``): each sample, with probability
+        ``model.original_image_ratio``, is conditioned on its HR instead of its LR, with the HR's quality
+        caption as its low-level text (the high-level caption already describes the HR).
+
+        Here the ControlNet input and the LR's CLIP/DINOv2 tokens (computed online from the HR) are
+        replaced; boxes stay, as they locate the same objects. Returns the control images, updates
+        ``cond`` in place. Samples without the HR's quality caption (shards annotated before
+        ``annotate.captions.low_hr``) keep their LR, with one warning.
+        """
+        low_hr = cond.get("text_low_hr")
+        if low_hr is None:
+            if not self._warned_no_hr_caption:
+                log.warning("model.original_image_ratio=%s: the shards carry no quality caption of the HR "
+                            "(annotate.captions.low_hr), so every sample keeps its LR as the condition",
+                            self.model_cfg.original_image_ratio)
+                self._warned_no_hr_caption = True
+            return control
+        gdev = generator.device if generator is not None else self.device
+        pick = torch.rand(hr.shape[0], generator=generator, device=gdev).to(self.device) < self.model_cfg.original_image_ratio
+        if not bool(pick.any()):
+            return control
+        idx = pick.nonzero().squeeze(1)
+        cond["text_low"] = torch.where(pick[:, None, None], low_hr, cond["text_low"])
+        control = control.clone()
+        control[idx] = hr[idx]
+        if cond.get("clip_lr") is not None or cond.get("dino_lr") is not None:
+            feats = self.encoders.encode(signed_to_hwc(hr[idx]))
+            for name, online in (("clip_lr", "clip_tokens"), ("dino_lr", "dino_tokens")):
+                if cond.get(name) is not None:
+                    cond[name] = cond[name].clone()
+                    cond[name][idx] = feats[online].to(cond[name].dtype)
+        return control
 
     # -- the objective ------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -149,6 +189,9 @@ class SRObjective(nn.Module):
         timesteps = torch.randint(0, steps, (bsz,), generator=generator, device=gdev).to(dev)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
 
+        control = control_image(lr, tuple(hr.shape[-2:]))
+        if self.training and self.model_cfg.original_image_ratio > 0:
+            control = self.condition_on_hr(cond, hr, control, generator)
         text_high, text_low, box_mask = cond["text_high"], cond["text_low"], cond["box_mask"]
         clip_lr, dino_lr = cond.get("clip_lr"), cond.get("dino_lr")
         keep_visual = torch.ones(bsz, dtype=torch.bool, device=dev)
@@ -165,7 +208,7 @@ class SRObjective(nn.Module):
         cfg, dfc = self.loss_cfg, self.model_cfg.dfc
         xpsr_dfc = dfc == "xpsr" and cfg.degradation_free > 0
         pred, ctrl = controlled_unet(
-            self.unet, self.controlnet, noisy, timesteps, control_image(lr, tuple(hr.shape[-2:])), text_high,
+            self.unet, self.controlnet, noisy, timesteps, control, text_high,
             return_dfc=xpsr_dfc, text_low=text_low, boxes=cond["boxes"], phrase_embeds=cond["phrase_embeds"],
             box_mask=box_mask, clip_tokens=clip_lr, dino_tokens=dino_lr,
         )

@@ -32,7 +32,7 @@ LAUNCHES = "launches.jsonl"
 BREAKING = ("model.", "models.profile", "models.sd", "models.clip_vision", "models.dinov2", "train.objective",
             "deepspeed.precision")
 # model.* keys that change how the modules run, never which weights they hold
-SAFE_MODEL = ("model.dropout.", "model.gradient_checkpointing", "model.lgcaa_clamp")
+SAFE_MODEL = ("model.dropout.", "model.original_image_ratio", "model.gradient_checkpointing", "model.lgcaa_clamp")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -58,6 +58,10 @@ class CaptionsConfig(StagePoolConfig):
         "hr", description="image of the high-level caption: hr as XPSR trains (upscale has only the lr)"
     )
     low_on: Literal["lr", "hr"] = Field("lr", description="image of the low-level (quality) caption: lr as XPSR")
+    low_hr: bool = Field(
+        True, description="also ask the low-level prompt about the HR (XPSR's lowlevel_prompt_q_GT): the caption "
+                          "training uses when it conditions on the HR (model.original_image_ratio)"
+    )
     max_objects: int = Field(8, ge=0, description="objects listed for grounding (0: no objects prompt)")
 
 

@@ -44,6 +44,12 @@ class ModelConfig(_Section):
     )
     max_boxes: int = Field(8, ge=1, le=64, description="grounding boxes per sample (GLIGEN tokens)")
     dropout: StreamDropoutConfig = Field(default_factory=StreamDropoutConfig)
+    original_image_ratio: float = Field(
+        0.1, ge=0, le=1,
+        description="XPSR's original_image_ratio: share of training samples conditioned on the HR itself "
+                    "(ControlNet input, visual tokens) with the HR's quality caption; needs shards "
+                    "annotated with annotate.captions.low_hr (older samples keep their LR)",
+    )
     conditioning_channels: list[int] = Field(
         default_factory=lambda: [16, 32, 96, 256],
         description="widths of the ControlNet's LR-image encoder (len 4 -> downsamples x8, the VAE's factor)",
