@@ -325,6 +325,7 @@ def test_original_image_ratio_conditions_on_the_hr_with_its_quality_caption(obje
         with torch.no_grad():
             objective(batch, generator=torch.Generator().manual_seed(4))
         objective.train()
+        objective._warned_no_hr_caption = False  # the module's objective warned already in earlier tests
         with torch.no_grad(), caplog.at_level("WARNING"):  # shards annotated without annotate.captions.low_hr
             objective({k: v for k, v in batch.items() if k != "caption_low_hr"}, generator=torch.Generator().manual_seed(4))
     finally:
@@ -345,3 +346,33 @@ def test_original_image_ratio_conditions_on_the_hr_with_its_quality_caption(obje
     # ratio 1, ratio 0.5 (this seed picks some, not all), ratio 0, eval, no HR caption
     assert picked_per_call[0] == n and 0 < picked_per_call[1] < n and picked_per_call[2:] == [0, 0, 0]
     assert "no quality caption of the HR" in caplog.text
+
+
+def test_under_zero3_every_rank_runs_the_encoders_whatever_it_picked(objective, monkeypatch):
+    """ZeRO-3 gathers the frozen encoders' partitions collectively: a rank whose draw picked no sample
+    must still run them, or its peers wait forever. Partitioned parameters carry DeepSpeed's ``ds_id``."""
+    n = 4
+    batch = dict(make_batch(n, seed=2), caption_low_hr=["clean"] * n)
+    encoded = []
+    real = objective.encoders.encode
+    monkeypatch.setattr(objective.encoders, "encode", lambda images: encoded.append(len(images)) or real(images))
+    saved = objective.model_cfg
+    objective.model_cfg = saved.model_copy(update={"original_image_ratio": 1e-9})  # picks nothing
+    try:
+        for partitioned in (False, True):
+            for p in objective.clip_vision.parameters():
+                if partitioned:
+                    p.ds_id = 0
+                elif hasattr(p, "ds_id"):
+                    del p.ds_id
+            encoded.clear()
+            with torch.no_grad():
+                objective(batch, generator=torch.Generator().manual_seed(0))
+            # the batch has no stored features: the LR's tokens and the HR's pooled targets are computed
+            # online (two calls of n rows); under ZeRO-3 a third one on the n HRs for the swap
+            assert encoded == ([n, n, n] if partitioned else [n, n])
+    finally:
+        for p in objective.clip_vision.parameters():
+            if hasattr(p, "ds_id"):
+                del p.ds_id
+        objective.model_cfg = saved

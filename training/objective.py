@@ -154,18 +154,23 @@ class SRObjective(nn.Module):
             return control
         gdev = generator.device if generator is not None else self.device
         pick = torch.rand(hr.shape[0], generator=generator, device=gdev).to(self.device) < self.model_cfg.original_image_ratio
-        if not bool(pick.any()):
+        tokens = [name for name in ("clip_lr", "dino_lr") if cond.get(name) is not None]
+        # under ZeRO-3 the frozen encoders' weights are partitioned and gathered collectively: every rank
+        # runs them every step (on the whole batch), whatever its own draw picked
+        every_step = bool(tokens) and any(hasattr(p, "ds_id") for p in self.clip_vision.parameters())
+        if not bool(pick.any()) and not every_step:
             return control
         idx = pick.nonzero().squeeze(1)
         cond["text_low"] = torch.where(pick[:, None, None], low_hr, cond["text_low"])
         control = control.clone()
         control[idx] = hr[idx]
-        if cond.get("clip_lr") is not None or cond.get("dino_lr") is not None:
-            feats = self.encoders.encode(signed_to_hwc(hr[idx]))
+        if tokens:
+            feats = self.encoders.encode(signed_to_hwc(hr if every_step else hr[idx]))
             for name, online in (("clip_lr", "clip_tokens"), ("dino_lr", "dino_tokens")):
-                if cond.get(name) is not None:
+                if name in tokens:
+                    hr_tokens = feats[online][idx] if every_step else feats[online]
                     cond[name] = cond[name].clone()
-                    cond[name][idx] = feats[online].to(cond[name].dtype)
+                    cond[name][idx] = hr_tokens.to(cond[name].dtype)
         return control
 
     # -- the objective ------------------------------------------------------------------------------
