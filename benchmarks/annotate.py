@@ -13,8 +13,9 @@ the path before the torch transforms) and with the torch transforms of :mod:`spa
 part (PNG decoding, tar reading, torch transforms or processors, tokenizing, the VAE input's float
 conversion, box selection, member encoding, tar building, marker and sha256, store writes; the rest of
 each step is its Python), each part counted exclusive of the wrapped calls it makes.
-The captions row counts every prompt a sample is asked (three by default: the two XPSR captions and
-the objects list), with any backend.
+The captions row counts every prompt a sample is asked (four by default: the two XPSR captions, the
+quality caption of the HR for ``model.original_image_ratio``, and the objects list), with any backend;
+``--set annotate.captions.low_hr=false`` leaves out the third.
 
 ``--ray`` also runs the phase through Ray Data actor pools (``pipeline.prepare`` with
 ``prepare.phases=[annotate]``) and prints its samples/s. On a GPU node: ``--set models.device=cuda

@@ -82,6 +82,19 @@ def instrumented(record: Path, fault_at_step: int | None = None):
             setattr(training.objective, name, forbidden(name, getattr(training.objective, name)))
         encode = spasem.encoders.ImageEncoders.encode
         spasem.encoders.ImageEncoders.encode = forbidden("ImageEncoders.encode", encode)
+        condition_on_hr = training.objective.SRObjective.condition_on_hr
+
+        def allowed_hr_tokens(self, *args, **kwargs):
+            # model.original_image_ratio: the HR's visual tokens are computed online on purpose (the shards
+            # store the LR's); everything else in the step still must come from the shards
+            held = active[:]
+            active.clear()
+            try:
+                return condition_on_hr(self, *args, **kwargs)
+            finally:
+                active.extend(held)
+
+        training.objective.SRObjective.condition_on_hr = allowed_hr_tokens
         train_step, validate = Runner.train_step, Runner.validate
 
         def step(self, micro):

@@ -308,9 +308,10 @@ def test_prepare_captions_through_ray_data_llm(demo_prepared, tiny, tmp_path, mo
                for key, members in read_tar(tar.read_bytes())}
     assert victim not in samples and len(samples) == summary["samples"] > 1
     model = stage_ids(load_config(), ["captions"])["captions"]
-    for members in samples.values():  # the high prompt about the HR, the quality prompt about the LR
+    for members in samples.values():  # the high prompt about the HR, the quality prompt about the LR and the HR
         assert json.loads(members["caption.json"]) == {
-            "high": f"caption_high about {hr_px} px", "low": f"caption_low about {lr_px} px", "model": model}
+            "high": f"caption_high about {hr_px} px", "low": f"caption_low about {lr_px} px",
+            "low_hr": f"caption_low_hr about {hr_px} px", "model": model}
     rejected = [r for m in (out / "shards").glob("shard-*.json") for r in json.loads(m.read_text())["rejected"]]
     assert any(victim in r["source"] and "no answer for ['objects']" in r["reason"] for r in rejected), rejected
     # the engines load the model the markers name: the tiny profile's LLaVA, not the configured hub id
