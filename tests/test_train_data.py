@@ -29,12 +29,16 @@ def _write_shards(folder: Path, counts: list[int], annotated: bool) -> list[list
             sample = {"__key__": key, "hr.png": encode_png(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)),
                       "lr.png": encode_png(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)),
                       "json": encode_json({"key": key}), "extra.pyd": b"never decoded"}
-            if annotated:
+            if annotated and index == 0:  # the HR's quality caption: only the first shard was annotated with it
                 sample.update({"caption.json": encode_json({"high": f"photo {key}", "low": "sharp",
                                                             "low_hr": f"clean {key}", "model": "t"}),
-                               "text_low_hr.npy": encode_npy(rng.standard_normal((77, 16)).astype(np.float16)),
-                               "boxes.json": encode_json({"phrases": ["cat", "dog"], "boxes": [[0, 0, .5, .5], [.5, .5, 1, 1]],
+                               "text_low_hr.npy": encode_npy(rng.standard_normal((77, 16)).astype(np.float16))})
+            elif annotated:
+                sample["caption.json"] = encode_json({"high": f"photo {key}", "low": "sharp", "model": "t"})
+            if annotated:
+                sample.update({"boxes.json": encode_json({"phrases": ["cat", "dog"], "boxes": [[0, 0, .5, .5], [.5, .5, 1, 1]],
                                                           "scores": [.9, .8], "model": "t"}),
+                               "text.npy": encode_npy(rng.standard_normal((2, 77, 16)).astype(np.float16)),
                                "latent.npy": encode_npy(rng.standard_normal((8, 4, 4)).astype(np.float16))})
             writer.write(sample)
         writer.close({})
@@ -114,15 +118,22 @@ def test_worker_streams_follow_the_plan_and_spread_the_crops_of_a_photo(tmp_path
 def test_annotated_members_are_decoded_and_padded(tmp_path, ray_cluster):
     _write_shards(tmp_path / "shards", [2, 2], annotated=True)
     plan = training_shards(str(tmp_path))
-    assert set(plan.members) == {"latent.npy", "text_low_hr.npy", "caption.json", "boxes.json"}
+    assert set(plan.members) == {"latent.npy", "text.npy", "text_low_hr.npy", "caption.json", "boxes.json"}
     ds = rank_dataset(plan, 0, 1, 2, 1, 0, 0, 2, max_boxes=4)
     batch = to_torch(next(iter(ds.iter_batches(batch_size=2, batch_format="numpy"))))
     assert batch["hr"].shape == (2, 3, 32, 32) and batch["lr"].shape == (2, 3, 8, 8)
     assert -1.0 <= float(batch["hr"].min()) and float(batch["hr"].max()) <= 1.0
     assert batch["latent"].shape == (2, 8, 4, 4) and batch["caption_high"][0].startswith("photo img0")
     assert batch["phrases"] == [["cat", "dog"], ["cat", "dog"]]
-    # the HR's quality caption and its states: what model.original_image_ratio conditions on
-    assert batch["caption_low_hr"] == [f"clean {k}" for k in batch["key"]] and batch["text_low_hr"].shape == (2, 77, 16)
+    # the HR's quality caption and its states (what model.original_image_ratio conditions on), present in
+    # the first shard's samples only: every batch has the columns, has_low_hr says whose they are
+    for raw in ds.iter_batches(batch_size=2, batch_format="numpy"):
+        batch = to_torch(raw)
+        first = [k.startswith("img00") for k in batch["key"]]
+        assert batch["has_low_hr"].tolist() == first
+        assert batch["caption_low_hr"] == [f"clean {k}" if f else "" for k, f in zip(batch["key"], first, strict=True)]
+        assert batch["text_low_hr"].shape == (2, 77, 16)
+        assert [bool(s.any()) for s in batch["text_low_hr"]] == first
     assert batch["boxes"].shape == (2, 4, 4) and batch["box_mask"].tolist() == [[1, 1, 0, 0]] * 2
     assert "extra" not in batch and "extra.pyd" not in batch  # unknown members never leave the tar
 
@@ -183,3 +194,36 @@ def test_config_rejects_what_deepspeed_cannot_do():
         load_config(overrides=["deepspeed.offload_params=true", "deepspeed.stage=2"])
     with pytest.raises(ConfigError, match="did you mean 'train.max_steps'"):
         load_config(overrides=["train.max_step=3"])
+
+
+def test_a_batch_mixing_samples_with_and_without_the_hrs_caption_decodes_with_one_schema():
+    """A prepare resumed across ``annotate.captions.low_hr`` leaves shards with and without the HR's quality
+    caption: every batch gets the same columns, zeros and ``has_low_hr`` False where a sample has none."""
+    import numpy as np
+
+    from training.data import DecodeBatch
+
+    rng = np.random.default_rng(1)
+    members = ("text.npy", "text_low_hr.npy", "caption.json")
+
+    def sample(key, low_hr):
+        caption = {"high": f"photo {key}", "low": "noisy", "model": "t"} | ({"low_hr": f"clean {key}"} if low_hr else {})
+        out = {"__key__": key, "hr.png": encode_png(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)),
+               "lr.png": encode_png(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)),
+               "text.npy": encode_npy(rng.standard_normal((2, 77, 8)).astype(np.float16)),
+               "caption.json": encode_json(caption)}
+        if low_hr:
+            out["text_low_hr.npy"] = encode_npy(np.full((77, 8), 0.5, np.float16))
+        return out
+
+    decode = DecodeBatch(members, max_boxes=2)
+    for flags in ([True, False, True], [False, False], [True, True]):
+        rows = [sample(f"k{i}", f) for i, f in enumerate(flags)]
+        # a missing optional member arrives as b"", as _read_window yields it
+        raw = {name: np.asarray([r.get(name, b"") for r in rows], dtype=object) for name in ("__key__", "hr.png", "lr.png", *members)}
+        batch = to_torch(decode(raw))
+        assert batch["has_low_hr"].tolist() == flags
+        assert batch["caption_low_hr"] == [f"clean k{i}" if f else "" for i, f in enumerate(flags)]
+        assert batch["text_low_hr"].shape == (len(flags), 77, 8)
+        assert [bool((s == 0.5).all()) for s in batch["text_low_hr"]] == flags
+        assert [bool((s == 0).all()) for s in batch["text_low_hr"]] == [not f for f in flags]

@@ -50,6 +50,9 @@ from spasem.shards import (
 log = logging.getLogger(__name__)
 
 TENSOR_MEMBERS = tuple(f"{name}.npy" for name in NPY_MEMBERS)
+# members a sample may lack although the first shard has them: the HR's quality caption's states, absent
+# from samples annotated before annotate.captions.low_hr (has_low_hr says which samples have them)
+OPTIONAL_MEMBERS = ("text_low_hr.npy",)
 WANTED = IMAGE_MEMBERS + ("json", "caption.json", "boxes.json") + TENSOR_MEMBERS
 
 
@@ -172,11 +175,12 @@ def _read_window(item: dict[str, Any], plan: ShardPlan, rank: int, world: int, r
         if members is None:
             raise DataError(f"sample {key!r} listed in {[s.rel for s in window.shards]} under {plan.root} is "
                             "missing: the shard changed since the run was planned")
-        absent = [c for c in columns if c not in members]
+        absent = [c for c in columns if c not in members and c not in OPTIONAL_MEMBERS]
         if absent:
             raise DataError(f"sample {key!r} under {plan.root} lacks {absent}; every training shard must carry "
                             "the members of the first one")
-        yield {"__key__": key, **{c: members[c] for c in columns}}
+        # a missing optional member travels as b"": Ray turns a block's all-None column into float NaNs
+        yield {"__key__": key, **{c: members.get(c, b"") for c in columns}}
 
 
 class DecodeBatch:
@@ -195,7 +199,7 @@ class DecodeBatch:
         out: dict[str, Any] = {"key": np.asarray([str(x) for x in batch["__key__"]], dtype=object)}
         out["hr"] = np.stack([self._image(b) for b in batch["hr.png"]])
         out["lr"] = np.stack([self._image(b) for b in batch["lr.png"]])
-        rows = [decode_annotations({m: batch[m][i] for m in self.members}) for i in range(n)]
+        rows = [decode_annotations({m: batch[m][i] for m in self.members if len(batch[m][i])}) for i in range(n)]
         phrases = np.empty(n, dtype=object)
         boxes = np.zeros((n, k, 4), np.float32)
         mask = np.zeros((n, k), np.float32)
@@ -208,12 +212,26 @@ class DecodeBatch:
         out.update(caption_high=np.asarray([r.get("caption_high", "") for r in rows], dtype=object),
                    caption_low=np.asarray([r.get("caption_low", "") for r in rows], dtype=object),
                    phrases=phrases, boxes=boxes, box_mask=mask)
-        if rows and all("caption_low_hr" in r for r in rows):  # the HR's quality caption, where asked
-            out["caption_low_hr"] = np.asarray([r["caption_low_hr"] for r in rows], dtype=object)
+        # the HR's quality caption (annotate.captions.low_hr), in every batch so that every batch has the
+        # same columns: "" and has_low_hr False where a sample has none (annotated before low_hr, e.g. in
+        # a prepare resumed across the change)
+        out["caption_low_hr"] = np.asarray([r.get("caption_low_hr", "") for r in rows], dtype=object)
+        out["has_low_hr"] = np.asarray(["caption_low_hr" in r for r in rows])
         for member in self.members:
             if member.endswith(".npy"):
-                out[member[:-4]] = np.stack([r[member[:-4]] for r in rows])
+                name = member[:-4]
+                out[name] = _low_hr_states(rows) if name == "text_low_hr" else np.stack([r[name] for r in rows])
         return out
+
+
+def _low_hr_states(rows: list[dict[str, Any]]) -> np.ndarray:
+    """``text_low_hr`` of a batch, zeros where a sample has none (``has_low_hr`` says which)."""
+    like = next((r["text_low_hr"] for r in rows if "text_low_hr" in r), None)
+    if like is None:
+        like = next((r["text"][1] for r in rows if "text" in r), None)
+    if like is None:
+        raise DataError("shards list text_low_hr.npy members but these samples have neither it nor text.npy")
+    return np.stack([r.get("text_low_hr", np.zeros_like(like)) for r in rows])
 
 
 def rank_dataset(plan: ShardPlan, rank: int, world: int, batch_size: int, grad_accum: int, epoch: int,

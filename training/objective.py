@@ -123,9 +123,17 @@ class SRObjective(nn.Module):
             value = value if value is not None else (lr_feats if name.endswith("lr") else hr_feats).get(online)
             if value is not None:
                 out[name] = value.to(dev).float()
+        # the HR's quality caption: has_low_hr marks the samples that have one (shards may mix)
+        has = batch.get("has_low_hr")
+        has = torch.as_tensor(has, device=dev).bool() if has is not None else None
+        if has is not None:
+            out["has_low_hr"] = has
         if batch.get("text_low_hr") is not None:
             out["text_low_hr"] = batch["text_low_hr"].to(dev).float()
-        elif batch.get("caption_low_hr") is not None and self.model_cfg.original_image_ratio > 0:
+        elif (batch.get("caption_low_hr") is not None and batch.get("text") is None
+              and self.model_cfg.original_image_ratio > 0):
+            # captions without their states (no encode stage): encoded online with the others; the
+            # test is on members, the same on every rank (ZeRO-3 gathers the text encoder collectively)
             out["text_low_hr"] = encode_prompts(self.tokenizer, self.text_encoder, list(batch["caption_low_hr"])).float()
         if batch.get("latent") is not None:
             out["posterior"] = batch["latent"].to(dev).float()
@@ -142,18 +150,20 @@ class SRObjective(nn.Module):
         Here the ControlNet input and the LR's CLIP/DINOv2 tokens (computed online from the HR) are
         replaced; boxes stay, as they locate the same objects. Returns the control images, updates
         ``cond`` in place. Samples without the HR's quality caption (shards annotated before
-        ``annotate.captions.low_hr``) keep their LR, with one warning.
+        ``annotate.captions.low_hr``; ``has_low_hr`` False) keep their LR, with one warning.
         """
-        low_hr = cond.get("text_low_hr")
+        low_hr, has = cond.get("text_low_hr"), cond.get("has_low_hr")
+        if (low_hr is None or (has is not None and not bool(has.all()))) and not self._warned_no_hr_caption:
+            log.warning("model.original_image_ratio=%s: %s samples have no quality caption of the HR "
+                        "(annotate.captions.low_hr), so they keep their LR as the condition",
+                        self.model_cfg.original_image_ratio, "all" if low_hr is None else "some")
+            self._warned_no_hr_caption = True
         if low_hr is None:
-            if not self._warned_no_hr_caption:
-                log.warning("model.original_image_ratio=%s: the shards carry no quality caption of the HR "
-                            "(annotate.captions.low_hr), so every sample keeps its LR as the condition",
-                            self.model_cfg.original_image_ratio)
-                self._warned_no_hr_caption = True
             return control
         gdev = generator.device if generator is not None else self.device
         pick = torch.rand(hr.shape[0], generator=generator, device=gdev).to(self.device) < self.model_cfg.original_image_ratio
+        if has is not None:
+            pick &= has
         tokens = [name for name in ("clip_lr", "dino_lr") if cond.get(name) is not None]
         # under ZeRO-3 the frozen encoders' weights are partitioned and gathered collectively: every rank
         # runs them every step (on the whole batch), whatever its own draw picked
