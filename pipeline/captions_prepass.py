@@ -30,8 +30,8 @@ from spasem.profiles import resolve_models
 from spasem.storage import Store
 from spasem.vlm.vllm_backend import chat_prompt
 from stages.annotations import AnnotationStage
-from stages.captions import Captioner, caption_asks, caption_row
-from stages.captions_vllm import asked_names, build_caption_processor, collect_answers, prompt_rows
+from stages.captions import Captioner, asked_columns, caption_asks, caption_row
+from stages.captions_vllm import build_caption_processor, collect_answers, prompt_rows
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class AnsweredCaptions(AnnotationStage):
     def __init__(self, section: CaptionsConfig, answers: dict[str, dict[str, str]]):
         super().__init__(section.batch_size)
         self.cfg, self.answers = section, answers
-        self.names = asked_names(section)
+        self.names = asked_columns(section, True)  # every prompt about a training sample's HR and LR
 
     def process(self, batch: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
         out = []

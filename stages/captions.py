@@ -79,6 +79,11 @@ def asked_columns(section: CaptionsConfig, has_hr: bool) -> list[str]:
     return [name for pairs in caption_asks(section, has_hr).values() for name, _ in pairs]
 
 
+def empty_row(section: CaptionsConfig, has_hr: bool) -> dict[str, Any]:
+    """The captions stage's columns with nothing answered: what a failed row gets, and the column set."""
+    return caption_row(dict.fromkeys(asked_columns(section, has_hr), ""), section.max_objects)
+
+
 def caption_row(answers: dict[str, str], max_objects: int) -> dict[str, Any]:
     """One row's columns from its answers by output name: the captions as they are (``caption_low_hr``
     when it was asked), the objects answer parsed into at most ``max_objects`` phrases (what the
@@ -120,4 +125,4 @@ class Captioner(AnnotationStage):
         return [caption_row(row, self.cfg.max_objects) for row in answers]
 
     def placeholder(self, batch: dict[str, Any], row: int) -> dict[str, Any]:
-        return caption_row(dict.fromkeys(asked_columns(self.cfg, "hr" in batch), ""), self.cfg.max_objects)
+        return empty_row(self.cfg, "hr" in batch)

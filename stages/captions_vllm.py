@@ -24,7 +24,7 @@ import numpy as np
 from spasem.columns import object_array
 from spasem.config.annotate import CaptionsConfig, ModelsConfig
 from spasem.vlm.vllm_backend import RUNTIME_ENV, chat_prompt, clean, engine_kwargs, sampling_params
-from stages.captions import asked_columns, caption_asks, caption_row
+from stages.captions import asked_columns, caption_asks, caption_row, empty_row
 
 
 def prompt_rows(batch: dict[str, Any], section: CaptionsConfig, render: Callable[[str], str] = chat_prompt
@@ -60,20 +60,14 @@ def collect_answers(rows: Sequence[dict[str, Any]], names: Sequence[str], keys: 
     return out
 
 
-def asked_names(section: CaptionsConfig) -> list[str]:
-    """The output columns a training sample's answers must fill: one per prompt :func:`caption_asks` asks."""
-    return asked_columns(section, True)
-
-
 def caption_columns(rows: Sequence[dict[str, Any]], section: CaptionsConfig, keys: Sequence[str]
                     ) -> dict[str, np.ndarray]:
     """Answer rows -> the captions stage's columns for ``keys``, in order: ``caption_high``, ``caption_low``
     (and ``caption_low_hr`` when asked: the ``caption.json`` member) and ``objects`` (the phrases the
     grounding stage queries)."""
-    answers = collect_answers(rows, asked_names(section), keys)
+    answers = collect_answers(rows, asked_columns(section, True), keys)
     out = [caption_row(answers[str(key)], section.max_objects) for key in keys]
-    names = [n for n in ("caption_high", "caption_low", "caption_low_hr", "objects") if not out or n in out[0]]
-    return {name: object_array([row[name] for row in out]) for name in names}
+    return {name: object_array([row[name] for row in out]) for name in empty_row(section, True)}
 
 
 def _preprocess(max_new_tokens: int):

@@ -227,3 +227,6 @@ def test_a_batch_mixing_samples_with_and_without_the_hrs_caption_decodes_with_on
         assert batch["text_low_hr"].shape == (len(flags), 77, 8)
         assert [bool((s == 0.5).all()) for s in batch["text_low_hr"]] == flags
         assert [bool((s == 0).all()) for s in batch["text_low_hr"]] == [not f for f in flags]
+    # uncaptioned shards (pairs only) get no caption columns to encode online
+    bare = DecodeBatch((), max_boxes=2)({name: raw[name] for name in ("__key__", "hr.png", "lr.png")})
+    assert "caption_low_hr" not in bare and "has_low_hr" not in bare

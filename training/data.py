@@ -212,11 +212,12 @@ class DecodeBatch:
         out.update(caption_high=np.asarray([r.get("caption_high", "") for r in rows], dtype=object),
                    caption_low=np.asarray([r.get("caption_low", "") for r in rows], dtype=object),
                    phrases=phrases, boxes=boxes, box_mask=mask)
-        # the HR's quality caption (annotate.captions.low_hr), in every batch so that every batch has the
-        # same columns: "" and has_low_hr False where a sample has none (annotated before low_hr, e.g. in
-        # a prepare resumed across the change)
-        out["caption_low_hr"] = np.asarray([r.get("caption_low_hr", "") for r in rows], dtype=object)
-        out["has_low_hr"] = np.asarray(["caption_low_hr" in r for r in rows])
+        if "caption.json" in self.members:
+            # the HR's quality caption (annotate.captions.low_hr), in every batch of captioned shards so that
+            # every batch has the same columns: "" and has_low_hr False where a sample has none (annotated
+            # before low_hr, e.g. in a prepare resumed across the change)
+            out["caption_low_hr"] = np.asarray([r.get("caption_low_hr", "") for r in rows], dtype=object)
+            out["has_low_hr"] = np.asarray(["caption_low_hr" in r for r in rows])
         for member in self.members:
             if member.endswith(".npy"):
                 name = member[:-4]
