@@ -196,12 +196,16 @@ def test_pillow_upsample_is_xpsrs_test_input_region_by_region():
         BicubicSource(lr, 4, kernel="lanczos")
 
 
-def test_streamed_decode_equals_a_whole_image_decode():
-    lat = torch.rand(1, 4, 40, 56) * 2 - 1
+@pytest.mark.parametrize("seed", [0, 149])
+def test_streamed_decode_equals_a_whole_image_decode(seed):
+    """Equal but for float rounding: blending a value with itself (w * a + (1 - w) * a) can move it by an
+    ulp, which flips a level where it lies on a .5 (seed 149: 8 of 423,795 values; most seeds: none)."""
+    lat = torch.rand(1, 4, 40, 56, generator=torch.Generator().manual_seed(seed)) * 2 - 1
     decode = lambda z: F.interpolate(z[:, :3], scale_factor=8, mode="nearest")  # noqa: E731
     out = decode_tiled(decode, lat, 16, 4, 317, 445)
     ref = signed_to_hwc(decode(lat))[0, :317, :445]
-    assert out.shape == (317, 445, 3) and np.array_equal(out, ref)
+    diff = np.abs(out.astype(int) - ref.astype(int))
+    assert out.shape == (317, 445, 3) and diff.max() <= 1 and (diff > 0).sum() <= 8
 
 
 def test_wavelet_fix_takes_colour_from_reference_and_detail_from_content():
@@ -332,3 +336,107 @@ def test_xpsr_preset_is_the_released_sampling_and_realism_one_runs_it_unchanged(
     assert call["high"][0] == "a cat. " + XPSR_SAMPLING["added_prompt"]
     assert call["negative"] == XPSR_SAMPLING["negative_prompt"]
     assert call["negative_low"] == "high resolution, best quality, clear" and call["do_cfg"]
+
+
+@pytest.mark.parametrize("lr_hw, size", [
+    ((100, 150), (512, 768)),  # short side 400 -> 512, long int(512 * 600 / 400)
+    ((33, 47), (512, 728)),  # long int(512 * 188 / 132) = 729, then down to a multiple of 8
+    ((47, 33), (728, 512)),
+    ((130, 131), (520, 520)),  # short side already >= 512: only the multiples of 8
+    ((128, 128), (512, 512)),  # the benchmark crops: unchanged
+    ((3, 300), (512, 51200)),
+])
+def test_xpsr_size_rule_is_test_pys(lr_hw, size):
+    """XPSR's test.py: x4, a short side under process_size (512) up to it, then sides down to multiples of 8."""
+    from spasem.model.tiled_vae import xpsr_size
+
+    assert xpsr_size(lr_hw[0] * 4, lr_hw[1] * 4, 512) == size
+    cfg = UpscaleConfig(preset="xpsr")
+    from spasem.model.tiled_diffusion import latent_size
+
+    assert latent_size(*lr_hw, cfg, 8) == (size[0] // 8, size[1] // 8)  # no padding under this rule
+    assert latent_size(*lr_hw, UpscaleConfig(), 8) == padded_latent_size(lr_hw[0] * 4, lr_hw[1] * 4, 8)
+
+
+def _test_py_condition(lr: np.ndarray) -> np.ndarray:
+    """XPSR test.py's validation_image, step by step (torchvision's Resize(512) written out for a PIL image)."""
+    from PIL import Image
+
+    image = Image.fromarray(lr)
+    image = image.resize((image.size[0] * 4, image.size[1] * 4))
+    if min(image.size) < 512:
+        w, h = image.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = 512, int(512 * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (new_w, new_h) != image.size:
+            image = image.resize((new_w, new_h), Image.BILINEAR)
+    image = image.resize((image.size[0] // 8 * 8, image.size[1] // 8 * 8))
+    return np.asarray(image)
+
+
+@pytest.mark.parametrize("shape", [(33, 47), (47, 33), (130, 131), (64, 128)])
+def test_xpsr_size_rule_conditions_on_test_pys_resized_image(shape):
+    lr = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    src = BicubicSource(lr, 4, kernel="pillow", process_size=512)
+    expected = _test_py_condition(lr)
+    assert (src.height, src.width) == expected.shape[:2]
+    np.testing.assert_array_equal(signed_to_hwc(src.full())[0], expected)
+    with pytest.raises(ValueError, match="kernel='pillow'"):
+        BicubicSource(lr, 4, process_size=512)
+
+
+def test_xpsr_size_rule_samples_at_xpsrs_size_and_resizes_back(monkeypatch):
+    """A 33 x 47 LR: the model runs on the 512 x 728 image test.py makes, the result is resized back to
+    132 x 188 with Pillow's bicubic, AdaIN's reference is the resized image, and the tile's LR crop is the LR."""
+    from PIL import Image
+
+    import spasem.model.tiled_diffusion as td
+    from stages.progress import image_work
+
+    decoded = []
+    real_decode = td.decode_tiled
+
+    def recording_decode(*args, **kwargs):
+        decoded.append(real_decode(*args, **kwargs))
+        return decoded[-1]
+
+    monkeypatch.setattr(td, "decode_tiled", recording_decode)
+    lr = np.random.default_rng(3).integers(0, 256, (33, 47, 3), dtype=np.uint8)
+    pipe = FakePipe()
+    pipe.scheduler = _ddpm()
+    shapes = []
+    predict = pipe.predict_noise
+    pipe.predict_noise = lambda lat, *a, **k: (shapes.append(tuple(lat.shape[-2:])), predict(lat, *a, **k))[1]
+    cfg = UpscaleConfig(preset="xpsr", steps=2, color_fix="none")
+    out = TiledUpscaler(pipe, cfg)(lr, "a cat.", seed=0)
+    assert out.shape == (132, 188, 3) and shapes == [(64, 91)] * 2  # whole: 64 x 91 <= 320 x 320
+    assert decoded[-1].shape == (512, 728, 3)
+    np.testing.assert_array_equal(out, np.asarray(Image.fromarray(decoded[-1]).resize((188, 132), Image.BICUBIC)))
+    assert pipe.calls[-1]["lr"].shape == (1, 33, 47, 3)  # the one tile's LR crop is the whole LR
+    assert image_work(lr, cfg, 8)["sample"] == 2  # progress counts the same one tile
+    # with AdaIN (the preset's colour fix) the reference is the 512 x 728 condition, as in test.py
+    fixed = TiledUpscaler(pipe, UpscaleConfig(preset="xpsr", steps=2))(lr, "a cat.", seed=0)
+    expected = decoded[-1].copy()
+    adain_fix_uint8(expected, _stats(_test_py_condition(lr)), truncate=True)
+    np.testing.assert_array_equal(fixed, np.asarray(Image.fromarray(expected).resize((188, 132), Image.BICUBIC)))
+
+
+def _stats(image: np.ndarray) -> ChannelStats:
+    stats = ChannelStats(3)
+    stats.update(image.astype(np.float32))
+    return stats
+
+
+def test_xpsr_size_rule_changes_nothing_at_xpsrs_own_sizes():
+    """A 128 px LR (512 out, a multiple of 8): the xpsr rule and padding run the same latent, same output."""
+    lr = np.random.default_rng(4).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    outs = []
+    for rule in ("xpsr", "pad"):
+        pipe = FakePipe()
+        pipe.scheduler = _ddpm()
+        outs.append(TiledUpscaler(pipe, UpscaleConfig(preset="xpsr", steps=2, size_rule=rule))(lr, "a cat.", seed=0))
+    np.testing.assert_array_equal(*outs)
+    with pytest.raises(ValueError, match="upsample=pillow"):
+        UpscaleConfig(size_rule="xpsr")
+    assert (UpscaleConfig(preset="xpsr").size_rule, UpscaleConfig().size_rule) == ("xpsr", "pad")

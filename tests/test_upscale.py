@@ -324,3 +324,23 @@ def test_time_left_comes_from_each_phase_pace():
     p.advance("decode", 1, 3.0)
     assert p.left_s() == pytest.approx(3.0), "the decoder at its own measured pace once it ran"
     assert lines[-1].endswith("15s elapsed, ~3s left") and "83%" in lines[-1]
+
+
+def test_xpsr_size_rule_runs_the_real_model_on_a_latent_of_any_width(tiny_pipe, monkeypatch):
+    """test.py's sizes are multiples of 8 px, not of 64: a 33 x 47 LR runs at 512 x 728 px, a 64 x 91
+    latent, through the real UNet and ControlNet, and comes back at 132 x 188."""
+    from spasem.model.tiled_diffusion import TiledUpscaler
+
+    seen = []
+    real = tiny_pipe.predict_noise
+
+    def spy(latents, t, control, *args, **kwargs):
+        seen.append((tuple(latents.shape[-2:]), tuple(control.shape[-2:])))
+        return real(latents, t, control, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe, "predict_noise", spy)
+    lr = cv2.resize(skimage_photo("coffee.png"), (47, 33), interpolation=cv2.INTER_AREA)
+    cfg = load_config(overrides=["upscale.preset=xpsr", "upscale.steps=2"]).upscale
+    out = TiledUpscaler(tiny_pipe, cfg)(lr, "a cup of coffee", "blurry", seed=0)
+    assert out.shape == (132, 188, 3) and out.dtype == np.uint8
+    assert seen == [((64, 91), (512, 728))] * 2

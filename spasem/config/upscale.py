@@ -47,6 +47,8 @@ XPSR_SAMPLING: dict[str, Any] = {
     "tile_rule": "xpsr",  # pipeline_xpsr.py: whole up to 320 x 320 latent px, square tiles, Gaussian weights
     "upsample": "pillow",  # test.py: validation_image.resize((w * 4, h * 4)), Pillow's default BICUBIC, uint8
     "adain_rounding": "truncate",  # myutils/wavelet_color_fix.py: ToPILImage(result.clamp(0, 1)) truncates
+    "size_rule": "xpsr",  # test.py: a x4 short side under process_size (512) up to it, sides down to multiples of 8
+    "process_size": 512,  # xpsr_test.yaml process_size
 }
 PRESETS: dict[str, dict[str, Any]] = {"xpsr": XPSR_SAMPLING}
 # schedulers whose add_noise takes any timestep (alphas_cumprod); the sigma-based ones need the schedule's own
@@ -108,6 +110,11 @@ class UpscaleConfig(_Section):
         "torch", description="the LR's bicubic upsample the model starts from and is conditioned on: torch's "
                              "(a=-0.75, float, as training) or Pillow's (a=-0.5, uint8, as XPSR's test.py)"
     )
+    size_rule: Literal["pad", "xpsr"] = Field(
+        "pad", description="the size the model runs at: the output padded to whole latent px (cropped after), or "
+                           "XPSR's (short side up to process_size, sides down to multiples of 8; resized back after)"
+    )
+    process_size: int = Field(512, ge=8, description="size_rule=xpsr: the short side a smaller upsample is resized up to")
     seed: int = Field(0, description="base seed; each image's noise comes from (seed, relative path)")
     skip_existing: bool = Field(True, description="skip inputs whose output already exists (resume after a crash)")
     visual_tokens: Literal["tile", "image"] = Field(
@@ -153,6 +160,9 @@ class UpscaleConfig(_Section):
                 f"upscale.added_noise_level needs a scheduler whose add_noise takes any timestep "
                 f"({', '.join(VP_SCHEDULERS)}), not {self.scheduler}; unset one of them"
             )
+        if self.size_rule == "xpsr" and self.upsample != "pillow":
+            raise ValueError("upscale.size_rule=xpsr resizes the upsample as XPSR's test.py does, with Pillow: "
+                             "set upscale.upsample=pillow (or size_rule=pad)")
         if self.tile_overlap >= (self.vae_tile_size or self.tile_size):
             raise ValueError(f"upscale.tile_overlap={self.tile_overlap} must be smaller than upscale.vae_tile_size")
         return self

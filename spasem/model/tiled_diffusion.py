@@ -23,11 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from spasem.config.upscale import UpscaleConfig
 from spasem.model.color_fix import WAVELET_LEVELS, ChannelStats, adain_fix_uint8, frequency_merge
 from spasem.model.latents import decode_latents, scale_latents
-from spasem.model.tiled_vae import BicubicSource, decode_tiled, encode_tiled
+from spasem.model.tiled_vae import BicubicSource, decode_tiled, encode_tiled, xpsr_size
 from spasem.model.tiling import Tile, TileBlender, TileGrid
 from spasem.pixels import HALF_RANGE
 
@@ -75,11 +76,28 @@ def padded_latent_size(height: int, width: int, factor: int) -> tuple[int, int]:
     return math.ceil(height / grid) * UNET_MULTIPLE, math.ceil(width / grid) * UNET_MULTIPLE
 
 
-def lr_window(y: int, x: int, th: int, tw: int, factor: int, scale: int, lr_h: int, lr_w: int) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of the LR crop under a latent tile: a fixed size per tile grid, inside the image."""
-    ch, cw = min(lr_h, math.ceil(th * factor / scale)), min(lr_w, math.ceil(tw * factor / scale))
-    top = min(max(0, (y * factor) // scale), lr_h - ch)
-    left = min(max(0, (x * factor) // scale), lr_w - cw)
+def latent_size(lr_h: int, lr_w: int, cfg: UpscaleConfig, factor: int) -> tuple[int, int]:
+    """The latent the model samples for an ``lr_h`` x ``lr_w`` input: the output padded to the UNet's
+    multiple, or under ``size_rule=xpsr`` exactly XPSR's size (multiples of 8 px; diffusers' UNet takes
+    any latent size) with no padding, as pipeline_xpsr.py samples it."""
+    height, width = lr_h * cfg.scale, lr_w * cfg.scale
+    if cfg.size_rule == "xpsr":
+        height, width = xpsr_size(height, width, cfg.process_size)
+        return math.ceil(height / factor), math.ceil(width / factor)
+    return padded_latent_size(height, width, factor)
+
+
+def lr_window(y: int, x: int, th: int, tw: int, factor: int, scale: float | tuple[float, float], lr_h: int,
+              lr_w: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the LR crop under a latent tile: a fixed size per tile grid, inside the image.
+
+    ``scale``: model pixels per LR pixel, one for both axes or (y, x) when the model runs at a size that
+    is not a whole multiple of the LR (``upscale.size_rule=xpsr``).
+    """
+    sy, sx = scale if isinstance(scale, tuple) else (scale, scale)
+    ch, cw = min(lr_h, math.ceil(th * factor / sy)), min(lr_w, math.ceil(tw * factor / sx))
+    top = min(max(0, int((y * factor) // sy)), lr_h - ch)
+    left = min(max(0, int((x * factor) // sx)), lr_w - cw)
     return top, left, ch, cw
 
 
@@ -133,18 +151,20 @@ class TiledUpscaler:
         cond = self.pipe.encode_conditioning(lr[None], [""], [""], [[]], [None], self.cfg.negative_prompt, False)
         return {"clip_tokens": cond.clip_tokens, "dino_tokens": cond.dino_tokens}
 
-    def _conditioning(self, lr: np.ndarray, tiles: list[Tile], captions: tuple[str, str], phrases: list[str],
-                      boxes: np.ndarray, do_cfg: bool, image_tokens: dict[str, torch.Tensor] | None = None) -> list[Any]:
+    def _conditioning(self, lr: np.ndarray, src: BicubicSource, tiles: list[Tile], captions: tuple[str, str],
+                      phrases: list[str], boxes: np.ndarray, do_cfg: bool,
+                      image_tokens: dict[str, torch.Tensor] | None = None) -> list[Any]:
         """One Conditioning per batch of tiles, each tile with its LR crop and its boxes.
 
         With ``image_tokens`` every tile gets the whole image's visual tokens instead of its crop's.
         """
         lr_h, lr_w = lr.shape[:2]
+        scales = (src.height / lr_h, src.width / lr_w)  # cfg.scale, or less or more under size_rule=xpsr
         out = []
         for chunk in self._batches(tiles):
             crops, tile_phrases, tile_boxes = [], [], []
             for tile in chunk:
-                top, left, ch, cw = lr_window(*tile, self.factor, self.cfg.scale, lr_h, lr_w)
+                top, left, ch, cw = lr_window(*tile, self.factor, scales, lr_h, lr_w)
                 crops.append(lr[top : top + ch, left : left + cw])
                 window = (left / lr_w, top / lr_h, (left + cw) / lr_w, (top + ch) / lr_h)
                 p, b = regional_boxes(phrases, boxes, window)
@@ -232,6 +252,9 @@ class TiledUpscaler:
                            self.factor, fix)
         if cfg.color_fix == "adain":
             adain_fix_uint8(out, reference_stats(src), truncate=cfg.adain_rounding == "truncate")
+        size = (src.w * src.scale, src.h * src.scale)
+        if (src.width, src.height) != size:  # size_rule=xpsr: test.py's image.resize((w * 4, h * 4)), BICUBIC
+            out = np.asarray(Image.fromarray(out).resize(size, Image.Resampling.BICUBIC))
         return out
 
     @torch.no_grad()
@@ -243,17 +266,18 @@ class TiledUpscaler:
 
         Noise comes from ``generator``, else from a CPU generator seeded with ``seed``. ``image_tokens``
         (CLIP, DINOv2 LR tokens of the embeddings stage) are used when ``upscale.visual_tokens`` is ``image``.
+        Under ``upscale.size_rule=xpsr`` the model runs at XPSR's size and the result is resized to this one.
         """
         cfg = self.cfg
-        src = BicubicSource(lr, cfg.scale, self.device, kernel=cfg.upsample)
-        grid = TileGrid(*padded_latent_size(src.height, src.width, self.factor), cfg.tile_size, cfg.tile_overlap,
-                        cfg.tile_rule)
+        src = BicubicSource(lr, cfg.scale, self.device, kernel=cfg.upsample,
+                            process_size=cfg.process_size if cfg.size_rule == "xpsr" else None)
+        grid = TileGrid(*latent_size(*lr.shape[:2], cfg, self.factor), cfg.tile_size, cfg.tile_overlap, cfg.tile_rule)
         plan = realism_plan(cfg.realism, cfg.steps, cfg.guidance_scale, cfg.conditioning_scale)
         tokens = self._image_tokens(lr, image_tokens) if cfg.visual_tokens == "image" else None
         high = caption_high or cfg.prompt
         if cfg.added_prompt:  # XPSR's test.py: caption + " " + added_prompt
             high = f"{high} {cfg.added_prompt}"
-        conds = self._conditioning(lr, grid.tiles, (high, caption_low or ""), list(phrases or []),
+        conds = self._conditioning(lr, src, grid.tiles, (high, caption_low or ""), list(phrases or []),
                                    np.zeros((0, 4), np.float32) if boxes is None else boxes,
                                    plan.guidance_scale > 1.0, tokens)
         latents = self._sample(src, grid, conds, plan, generator or torch.Generator().manual_seed(seed))

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from spasem.model.tiling import Tile, TileBlender, TileGrid
 from spasem.pixels import signed_to_hwc, to_signed
@@ -22,6 +23,36 @@ TileFix = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
 UPSAMPLES = ("torch", "pillow")
+
+
+def _short_side_up(height: int, width: int, process_size: int) -> tuple[int, int]:
+    """torchvision's ``Resize(process_size)`` size, applied as XPSR's test.py does: only to a smaller short side.
+
+    The short side becomes ``process_size`` and the long side ``int(process_size * long / short)``.
+    """
+    if min(height, width) >= process_size:
+        return height, width
+    short, long = sorted((height, width))
+    new_long = int(process_size * long / short)
+    return (process_size, new_long) if height <= width else (new_long, process_size)
+
+
+def xpsr_size(height: int, width: int, process_size: int) -> tuple[int, int]:
+    """The size XPSR's test.py runs its pipeline at, given the x``scale`` upsample's ``height`` x ``width``:
+    a short side under ``process_size`` up to it, then both sides down to multiples of 8."""
+    height, width = _short_side_up(height, width, process_size)
+    return height // 8 * 8, width // 8 * 8
+
+
+def xpsr_resize(big: Image.Image, process_size: int) -> Image.Image:
+    """XPSR test.py's resizes of the Pillow upsample: bilinear up to ``process_size``, bicubic to multiples of 8.
+
+    A step that keeps the size is a copy, as ``Image.resize`` to an image's own size is in Pillow.
+    """
+    h, w = _short_side_up(big.size[1], big.size[0], process_size)
+    if (w, h) != big.size:  # transforms.Resize(process_size, BILINEAR) on a PIL image
+        big = big.resize((w, h), Image.Resampling.BILINEAR)
+    return big.resize((w // 8 * 8, h // 8 * 8), Image.Resampling.BICUBIC)
 
 
 class BicubicSource:
@@ -34,11 +65,17 @@ class BicubicSource:
     upsamples the LR), computed per region. ``pillow``: Pillow's ``Image.resize`` default, BICUBIC
     (a = -0.5) rounded to uint8, which XPSR's test.py feeds its pipeline; made once for the whole
     image and kept as uint8 (3 bytes per output pixel).
+
+    ``process_size`` (``pillow`` only): the Pillow upsample is then resized as XPSR's test.py resizes
+    it (``xpsr_resize``), and ``height`` x ``width`` is that size, the one the model runs at.
     """
 
-    def __init__(self, lr: np.ndarray, scale: int, device: torch.device | str = "cpu", kernel: str = "torch"):
+    def __init__(self, lr: np.ndarray, scale: int, device: torch.device | str = "cpu", kernel: str = "torch",
+                 process_size: int | None = None):
         if kernel not in UPSAMPLES:
             raise ValueError(f"unknown upsample {kernel!r}; expected one of {', '.join(UPSAMPLES)}")
+        if process_size is not None and kernel != "pillow":
+            raise ValueError("process_size resizes the Pillow upsample: it needs kernel='pillow'")
         lr = np.array(lr, dtype=np.uint8)  # a writable copy
         self.scale = scale
         self.h, self.w = lr.shape[:2]
@@ -46,9 +83,10 @@ class BicubicSource:
         self.lr = to_signed(torch.from_numpy(lr).to(device).permute(2, 0, 1)[None])
         self.upsampled = None
         if kernel == "pillow":
-            from PIL import Image
-
-            big = np.asarray(Image.fromarray(lr).resize((self.width, self.height), Image.Resampling.BICUBIC))
+            big = Image.fromarray(lr).resize((self.width, self.height), Image.Resampling.BICUBIC)
+            if process_size is not None:
+                big = xpsr_resize(big, process_size)
+                self.width, self.height = big.size
             self.upsampled = torch.from_numpy(np.array(big)).to(device)  # [H, W, 3] uint8
 
     def _axis(self, a: int, b: int, size: int) -> tuple[int, int]:
