@@ -47,7 +47,8 @@ class FakeVAE:
     dtype = torch.float32
 
     def encode(self, x):
-        return SimpleNamespace(latent_dist=SimpleNamespace(mean=_to_latent(x)))
+        mean = _to_latent(x)
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean, std=0.05 + 0.1 * mean.abs()))
 
     def decode(self, z):
         return SimpleNamespace(sample=F.interpolate(z[:, :3], scale_factor=8, mode="bilinear", align_corners=False))
@@ -440,3 +441,27 @@ def test_xpsr_size_rule_changes_nothing_at_xpsrs_own_sizes():
     with pytest.raises(ValueError, match="upsample=pillow"):
         UpscaleConfig(size_rule="xpsr")
     assert (UpscaleConfig(preset="xpsr").size_rule, UpscaleConfig().size_rule) == ("xpsr", "pad")
+
+
+def test_lr_latent_sample_is_xpsrs_posterior_draw_before_the_noise(monkeypatch):
+    """``lr_latent: sample`` (the xpsr preset): z0 = mean + std * eps, eps the generator's first draw and
+    the noises after it, as in pipeline_xpsr.py's prepare_latents; ``mean`` (the default) draws nothing."""
+    lr = np.random.default_rng(9).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    seen = {}
+    real = TiledUpscaler.start_latents
+
+    def spy(self, scheduler, z0, first, generator):
+        seen[self.cfg.lr_latent] = (z0.clone(), torch.randn(3, generator=generator))  # where the stream is
+        return real(self, scheduler, z0, first, generator)
+
+    monkeypatch.setattr(TiledUpscaler, "start_latents", spy)
+    for mode in ("mean", "sample"):
+        TiledUpscaler(FakePipe(), _cfg(lr_latent=mode, tile_size=64))(lr, seed=3)
+    mean = _to_latent(BicubicSource(lr, 4).region(0, 128, 0, 192))  # the padded 16 x 24 latent, one VAE tile
+    g = torch.Generator().manual_seed(3)
+    eps = torch.randn(mean.shape, generator=g)
+    torch.testing.assert_close(seen["mean"][0], mean)
+    torch.testing.assert_close(seen["sample"][0], mean + (0.05 + 0.1 * mean.abs()) * eps)
+    torch.testing.assert_close(seen["sample"][1], torch.randn(3, generator=g))
+    torch.testing.assert_close(seen["mean"][1], torch.randn(3, generator=torch.Generator().manual_seed(3)))
+    assert UpscaleConfig(preset="xpsr").lr_latent == "sample" and UpscaleConfig().lr_latent == "mean"

@@ -344,3 +344,20 @@ def test_xpsr_size_rule_runs_the_real_model_on_a_latent_of_any_width(tiny_pipe, 
     out = TiledUpscaler(tiny_pipe, cfg)(lr, "a cup of coffee", "blurry", seed=0)
     assert out.shape == (132, 188, 3) and out.dtype == np.uint8
     assert seen == [((64, 91), (512, 728))] * 2
+
+
+def test_lr_latent_sample_is_diffusers_posterior_sample_with_the_real_vae(tiny_pipe):
+    """One VAE tile: ``lr_latent: sample`` is ``vae.encode(x).latent_dist.sample(generator)``, scaled."""
+    from spasem.model.latents import scale_latents
+    from spasem.model.tiled_diffusion import TiledUpscaler
+    from spasem.model.tiled_vae import BicubicSource
+
+    lr = cv2.resize(skimage_photo("chelsea.png"), (16, 16), interpolation=cv2.INTER_AREA)
+    cfg = load_config(overrides=["upscale.preset=xpsr"]).upscale
+    src = BicubicSource(lr, 4, kernel="pillow", process_size=cfg.process_size)
+    got = TiledUpscaler(tiny_pipe, cfg).lr_latent(src, 64, 64, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dist = tiny_pipe.vae.encode(src.full().to(tiny_pipe.vae.dtype)).latent_dist
+        expected = scale_latents(tiny_pipe.vae.config, dist.sample(torch.Generator().manual_seed(1)).float())
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, scale_latents(tiny_pipe.vae.config, dist.mean.float()))

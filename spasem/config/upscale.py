@@ -41,6 +41,7 @@ XPSR_SAMPLING: dict[str, Any] = {
     "added_prompt": "clean, high-resolution, 8k, high quality, clear text.",  # appended with a space
     "added_noise_level": 800,  # test.py --added_noise_level default (not in the yaml)
     "realism": 1.0,  # all steps from the first timestep, every band from the model
+    "lr_latent": "sample",  # pipeline_xpsr.py prepare_latents: vae.encode(image).latent_dist.sample(generator)
     "color_fix": "adain",  # test.py: adain_color_fix on every output
     "tile_size": 320,  # test.py --latent_tiled_size / --latent_tiled_overlap
     "tile_overlap": 8,
@@ -115,6 +116,10 @@ class UpscaleConfig(_Section):
                            "XPSR's (short side up to process_size, sides down to multiples of 8; resized back after)"
     )
     process_size: int = Field(512, ge=8, description="size_rule=xpsr: the short side a smaller upsample is resized up to")
+    lr_latent: Literal["mean", "sample"] = Field(
+        "mean", description="the LR's latent the sampling starts from: the VAE posterior's mean, or a draw from it "
+                            "(XPSR's latent_dist.sample, the generator's first draw)"
+    )
     seed: int = Field(0, description="base seed; each image's noise comes from (seed, relative path)")
     skip_existing: bool = Field(True, description="skip inputs whose output already exists (resume after a crash)")
     visual_tokens: Literal["tile", "image"] = Field(

@@ -140,6 +140,28 @@ class TiledUpscaler:
         mean = self.pipe.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.mean
         return scale_latents(self.pipe.vae.config, mean.float())
 
+    def _moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior's mean and std of a tile, unscaled, stacked on the channels (blended as one)."""
+        dist = self.pipe.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        return torch.cat([dist.mean, dist.std], dim=1).float()
+
+    def lr_latent(self, src: BicubicSource, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+        """The input's latent ``z0``: the posterior's mean, or (``lr_latent: sample``) a draw from it.
+
+        The draw is XPSR's ``latent_dist.sample(generator)`` (diffusers: ``mean + std * randn``), taken from
+        the generator before the noise, as pipeline_xpsr.py's ``prepare_latents`` orders them; tiles blend
+        their mean and std, and one draw covers the whole latent.
+        """
+        cfg = self.cfg
+        if cfg.lr_latent == "mean":
+            return encode_tiled(self._encode, src, height, width, cfg.effective_vae_tile, cfg.tile_overlap,
+                                self.factor).to(self.device)
+        moments = encode_tiled(self._moments, src, height, width, cfg.effective_vae_tile, cfg.tile_overlap,
+                               self.factor).to(self.device)
+        mean, std = moments.chunk(2, dim=1)
+        eps = torch.randn(mean.shape, generator=generator, device=generator.device).to(self.device)
+        return scale_latents(self.pipe.vae.config, mean + std * eps)
+
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         return decode_latents(self.pipe.vae, latents.to(self.device))
 
@@ -221,8 +243,7 @@ class TiledUpscaler:
         timesteps = scheduler.timesteps[t_start * scheduler.order :]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start * scheduler.order)
-        z0 = encode_tiled(self._encode, src, grid.height, grid.width, cfg.effective_vae_tile, cfg.tile_overlap,
-                          self.factor).to(self.device)
+        z0 = self.lr_latent(src, grid.height, grid.width, generator)
         latents = self.start_latents(scheduler, z0, timesteps[:1], generator)
         blender, tiles = TileBlender(grid), grid.tiles
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
