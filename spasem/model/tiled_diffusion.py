@@ -153,12 +153,12 @@ class TiledUpscaler:
         their mean and std, and one draw covers the whole latent.
         """
         cfg = self.cfg
-        if cfg.lr_latent == "mean":
-            return encode_tiled(self._encode, src, height, width, cfg.effective_vae_tile, cfg.tile_overlap,
-                                self.factor).to(self.device)
-        moments = encode_tiled(self._moments, src, height, width, cfg.effective_vae_tile, cfg.tile_overlap,
-                               self.factor).to(self.device)
-        mean, std = moments.chunk(2, dim=1)
+        draw = cfg.lr_latent == "sample"
+        z = encode_tiled(self._moments if draw else self._encode, src, height, width, cfg.effective_vae_tile,
+                         cfg.tile_overlap, self.factor).to(self.device)
+        if not draw:
+            return z
+        mean, std = z.chunk(2, dim=1)
         eps = torch.randn(mean.shape, generator=generator, device=generator.device).to(self.device)
         return scale_latents(self.pipe.vae.config, mean + std * eps)
 
