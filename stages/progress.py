@@ -36,7 +36,7 @@ DECODE_PER_ENCODE = 2.0  # a first guess of a decoder tile's time, in encoder ti
 def image_work(lr: np.ndarray, cfg: UpscaleConfig, factor: int) -> dict[str, int]:
     """Units of work of one image: VAE tiles each way, and diffusion tiles x steps actually run."""
     lat_h, lat_w = latent_size(lr.shape[0], lr.shape[1], cfg, factor)
-    vae = len(TileGrid(lat_h, lat_w, cfg.effective_vae_tile, cfg.tile_overlap).tiles)
+    vae = len(TileGrid(lat_h, lat_w, *cfg.vae_tiles(lat_h, lat_w)).tiles)
     tiles = len(TileGrid(lat_h, lat_w, cfg.tile_size, cfg.tile_overlap, cfg.tile_rule).tiles)
     steps = realism_plan(cfg.realism, cfg.steps, cfg.guidance_scale, cfg.conditioning_scale).steps
     return {"encode": vae, "sample": tiles * steps, "decode": vae}

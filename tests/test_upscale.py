@@ -361,3 +361,23 @@ def test_lr_latent_sample_is_diffusers_posterior_sample_with_the_real_vae(tiny_p
         expected = scale_latents(tiny_pipe.vae.config, dist.sample(torch.Generator().manual_seed(1)).float())
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, scale_latents(tiny_pipe.vae.config, dist.mean.float()))
+
+
+def test_vae_rule_xpsr_runs_the_hook_on_the_whole_image(tiny_pipe, monkeypatch):
+    """``vae_rule: xpsr`` (the preset): the VAE sees the whole 512 x 728 image and latent, tiled inside by
+    XPSR's hook once they exceed its tiles (small tiles here, to make it tile)."""
+    from spasem.model import vae_hook
+    from spasem.model.tiled_diffusion import TiledUpscaler
+    from stages.progress import image_work
+
+    runs = []
+    real = vae_hook.run_tiles
+    monkeypatch.setattr(vae_hook, "run_tiles", lambda net, x, boxes, *a: (runs.append((tuple(x.shape[2:]), len(boxes))),
+                                                                         real(net, x, boxes, *a))[1])
+    lr = cv2.resize(skimage_photo("coffee.png"), (47, 33), interpolation=cv2.INTER_AREA)
+    cfg = load_config(overrides=["upscale.preset=xpsr", "upscale.steps=1", "upscale.vae_encoder_tile=256",
+                                 "upscale.vae_decoder_tile=32"]).upscale
+    out = TiledUpscaler(tiny_pipe, cfg)(lr, "a cup of coffee", "blurry", seed=0)
+    assert out.shape == (132, 188, 3)
+    assert runs == [((512, 728), 6), ((64, 91), 6)]  # encoder: 2 x 3 tiles of 256 px; decoder: 2 x 3 of 32
+    assert image_work(lr, cfg, 8)["encode"] == image_work(lr, cfg, 8)["decode"] == 1

@@ -41,7 +41,8 @@ XPSR_SAMPLING: dict[str, Any] = {
     "added_prompt": "clean, high-resolution, 8k, high quality, clear text.",  # appended with a space
     "added_noise_level": 800,  # test.py --added_noise_level default (not in the yaml)
     "realism": 1.0,  # all steps from the first timestep, every band from the model
-    "lr_latent": "sample",  # pipeline_xpsr.py prepare_latents: vae.encode(image).latent_dist.sample(generator)
+    "lr_latent": "sample",
+    "vae_rule": "xpsr",  # test.py: _init_tiled_vae(encoder_tile_size=1024, decoder_tile_size=224), myutils/vaehook.py  # pipeline_xpsr.py prepare_latents: vae.encode(image).latent_dist.sample(generator)
     "color_fix": "adain",  # test.py: adain_color_fix on every output
     "tile_size": 320,  # test.py --latent_tiled_size / --latent_tiled_overlap
     "tile_overlap": 8,
@@ -99,6 +100,12 @@ class UpscaleConfig(_Section):
                               "Gaussian weights (whole up to tile_size squared in area)"
     )
     vae_tile_size: int | None = Field(None, ge=8, description="VAE encode/decode tile in latent px (default tile_size)")
+    vae_rule: Literal["blend", "xpsr"] = Field(
+        "blend", description="VAE tiles: vae_tile_size tiles blended by ramps, or XPSR's hook (GroupNorm statistics "
+                             "shared across tiles, vae_encoder_tile / vae_decoder_tile, whole below them)"
+    )
+    vae_encoder_tile: int = Field(1024, ge=8, description="vae_rule=xpsr: encoder tile side in image px (XPSR: 1024)")
+    vae_decoder_tile: int = Field(224, ge=8, description="vae_rule=xpsr: decoder tile side in latent px (XPSR: 224)")
     realism: float = Field(
         0.5, ge=0.0, le=1.0,
         description="project heuristic: 0 faithful (close to the bicubic input) .. 1 plain sampling from the noised LR",
@@ -175,3 +182,9 @@ class UpscaleConfig(_Section):
     @property
     def effective_vae_tile(self) -> int:
         return self.vae_tile_size or self.tile_size
+
+    def vae_tiles(self, lat_h: int, lat_w: int) -> tuple[int, int]:
+        """(tile, overlap) of the VAE's tile grid over a latent: one tile under vae_rule=xpsr (the hook tiles inside)."""
+        if self.vae_rule == "xpsr":
+            return max(lat_h, lat_w), 0
+        return self.effective_vae_tile, self.tile_overlap

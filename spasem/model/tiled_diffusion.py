@@ -27,9 +27,10 @@ from PIL import Image
 
 from spasem.config.upscale import UpscaleConfig
 from spasem.model.color_fix import WAVELET_LEVELS, ChannelStats, adain_fix_uint8, frequency_merge
-from spasem.model.latents import decode_latents, scale_latents
+from spasem.model.latents import decode_latents, scale_latents, unscale_latents
 from spasem.model.tiled_vae import BicubicSource, decode_tiled, encode_tiled, xpsr_size
 from spasem.model.tiling import Tile, TileBlender, TileGrid
+from spasem.model.vae_hook import xpsr_decode, xpsr_encode
 from spasem.pixels import HALF_RANGE
 
 UNET_MULTIPLE = 8  # latent sides are padded to this (the UNet downsamples 3 times)
@@ -136,13 +137,19 @@ class TiledUpscaler:
         self.device, self.dtype = torch.device(device), dtype
         self.factor = int(pipe.vae_scale_factor)
 
+    def _posterior(self, pixels: torch.Tensor):
+        """The VAE's posterior of a tile (under ``vae_rule=xpsr``: of the whole image, through XPSR's hook)."""
+        pixels = pixels.to(self.device, self.dtype)
+        if self.cfg.vae_rule == "xpsr":
+            return xpsr_encode(self.pipe.vae, pixels, self.cfg.vae_encoder_tile)
+        return self.pipe.vae.encode(pixels).latent_dist
+
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        mean = self.pipe.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.mean
-        return scale_latents(self.pipe.vae.config, mean.float())
+        return scale_latents(self.pipe.vae.config, self._posterior(pixels).mean.float())
 
     def _moments(self, pixels: torch.Tensor) -> torch.Tensor:
         """The VAE posterior's mean and std of a tile, unscaled, stacked on the channels (blended as one)."""
-        dist = self.pipe.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        dist = self._posterior(pixels)
         return torch.cat([dist.mean, dist.std], dim=1).float()
 
     def lr_latent(self, src: BicubicSource, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
@@ -154,8 +161,8 @@ class TiledUpscaler:
         """
         cfg = self.cfg
         draw = cfg.lr_latent == "sample"
-        z = encode_tiled(self._moments if draw else self._encode, src, height, width, cfg.effective_vae_tile,
-                         cfg.tile_overlap, self.factor).to(self.device)
+        z = encode_tiled(self._moments if draw else self._encode, src, height, width,
+                         *cfg.vae_tiles(height, width), self.factor).to(self.device)
         if not draw:
             return z
         mean, std = z.chunk(2, dim=1)
@@ -163,7 +170,11 @@ class TiledUpscaler:
         return scale_latents(self.pipe.vae.config, mean + std * eps)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode_latents(self.pipe.vae, latents.to(self.device))
+        vae = self.pipe.vae
+        if self.cfg.vae_rule == "xpsr":
+            z = unscale_latents(vae.config, latents.to(self.device)).to(vae.dtype)
+            return xpsr_decode(vae, z, self.cfg.vae_decoder_tile)
+        return decode_latents(vae, latents.to(self.device))
 
     def _image_tokens(self, lr: np.ndarray, given: tuple[np.ndarray, np.ndarray] | None) -> dict[str, torch.Tensor]:
         """Whole-image CLIP/DINOv2 tokens: the embeddings stage's columns, else encoded here once."""
@@ -269,7 +280,7 @@ class TiledUpscaler:
             def fix(pixels: torch.Tensor, top: int, left: int) -> torch.Tensor:
                 h, w = pixels.shape[-2:]
                 return frequency_merge(pixels, src.region(top, top + h, left, left + w), levels)
-        out = decode_tiled(self._decode, latents, cfg.effective_vae_tile, cfg.tile_overlap, src.height, src.width,
+        out = decode_tiled(self._decode, latents, *cfg.vae_tiles(*latents.shape[2:]), src.height, src.width,
                            self.factor, fix)
         if cfg.color_fix == "adain":
             adain_fix_uint8(out, reference_stats(src), truncate=cfg.adain_rounding == "truncate")
