@@ -104,7 +104,8 @@ class Diffuser:
     def _upscaler(self, tile_batch: int) -> TiledUpscaler:
         cfg = self.cfg if tile_batch == self.cfg.tile_batch else self.cfg.model_copy(update={"tile_batch": tile_batch})
         upscaler = TiledUpscaler(self.pipe, cfg, self.device, self.dtype)
-        upscaler._encode = counted(upscaler._encode, "encode", lambda: self.progress)
+        # every encode goes through _posterior (the latent's mean, or the moments of a draw)
+        upscaler._posterior = counted(upscaler._posterior, "encode", lambda: self.progress)
         upscaler._decode = counted(upscaler._decode, "decode", lambda: self.progress)
         return upscaler
 
