@@ -89,7 +89,7 @@ class Diffuser:
             # the actor was given a GPU (Ray sets CUDA_VISIBLE_DEVICES): use it even if models.device was left at cpu
             log.info("upscale.diffuse.num_gpus=%s: running the diffusion stage on cuda", upscale.diffuse.num_gpus)
             self.device = "cuda"
-        self.dtype = torch_dtype(models.dtype)
+        self.dtype = torch_dtype(upscale.dtype or models.dtype)
         folder = local_model(model, models, model_cfg or ModelConfig(), storage or StorageConfig())
         self.pipe = load_sr_pipeline(folder, self.device, self.dtype, models)
         self.progress: ImageProgress | None = None

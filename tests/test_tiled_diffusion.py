@@ -278,6 +278,7 @@ def test_the_full_resolution_image_never_exists_in_float(monkeypatch):
     (["upscale.stages=[embeddings]"], "visual_tokens=image"),
     (["upscale.preset=xpsr", "upscale.scheduler=EulerDiscreteScheduler"], "added_noise_level"),
     (["upscale.preset=sd"], "preset"),
+    (["upscale.dtype=float64"], "upscale.dtype"),
 ])
 def test_bad_upscale_settings_are_errors_that_name_the_key(overrides, message):
     from spasem.config import ConfigError, load_config

@@ -308,12 +308,15 @@ def test_each_image_logs_its_tiles_steps_and_time_left(diffuser, caplog):
 
 def test_the_xpsr_preset_logs_its_one_vae_call_each_way(caplog):
     """The preset draws the start latent (``lr_latent: sample``) and hands the VAE the whole image: one
-    encode and one decode, counted as such."""
+    encode and one decode, counted as such. It runs in float32 (XPSR's ``mixed_precision: "no"``) even
+    where the configs load the models in bfloat16."""
     from stages.diffuse import Diffuser
 
     caplog.set_level("INFO", logger="stages.diffuse")
-    cfg = load_config(overrides=["upscale.preset=xpsr", "upscale.steps=1", "upscale.guidance_scale=1"])
+    cfg = load_config(overrides=["upscale.preset=xpsr", "upscale.steps=1", "upscale.guidance_scale=1",
+                                 "models.dtype=bfloat16"])
     diffuser = Diffuser(cfg.upscale, cfg.models, resolve_model(cfg))
+    assert diffuser.dtype == torch.float32 and diffuser.pipe.unet.dtype == torch.float32
     diffuser(_diffuse_row(skimage_photo("coffee.png")[:16, :24], "x.png"))
     last = [r.getMessage() for r in caplog.records if r.getMessage().startswith("diffuse x.png")][-1]
     assert "vae encode tiles 1/1" in last and "vae decode tiles 1/1" in last and "tile-steps 1/1" in last, last
