@@ -41,9 +41,9 @@ XPSR_SAMPLING: dict[str, Any] = {
     "added_prompt": "clean, high-resolution, 8k, high quality, clear text.",  # appended with a space
     "added_noise_level": 800,  # test.py --added_noise_level default (not in the yaml)
     "realism": 1.0,  # all steps from the first timestep, every band from the model
-    "lr_latent": "sample",
+    "lr_latent": "sample",  # pipeline_xpsr.py prepare_latents: vae.encode(image).latent_dist.sample(generator)
     "dtype": "float32",  # xpsr_test.yaml mixed_precision: "no" (test.py: weight_dtype float32)
-    "vae_rule": "xpsr",  # test.py: _init_tiled_vae(encoder_tile_size=1024, decoder_tile_size=224), myutils/vaehook.py  # pipeline_xpsr.py prepare_latents: vae.encode(image).latent_dist.sample(generator)
+    "vae_rule": "xpsr",  # test.py: _init_tiled_vae(encoder_tile_size=1024, decoder_tile_size=224), myutils/vaehook.py
     "color_fix": "adain",  # test.py: adain_color_fix on every output
     "tile_size": 320,  # test.py --latent_tiled_size / --latent_tiled_overlap
     "tile_overlap": 8,
@@ -128,8 +128,8 @@ class UpscaleConfig(_Section):
         "mean", description="the LR's latent the sampling starts from: the VAE posterior's mean, or a draw from it "
                             "(XPSR's latent_dist.sample, the generator's first draw)"
     )
-    dtype: str | None = Field(
-        None, description="the diffusion stage's weights dtype (float32 | bfloat16 | float16); none: models.dtype"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="the diffusion stage's weights dtype; none: models.dtype"
     )
     seed: int = Field(0, description="base seed; each image's noise comes from (seed, relative path)")
     skip_existing: bool = Field(True, description="skip inputs whose output already exists (resume after a crash)")
@@ -176,8 +176,6 @@ class UpscaleConfig(_Section):
                 f"upscale.added_noise_level needs a scheduler whose add_noise takes any timestep "
                 f"({', '.join(VP_SCHEDULERS)}), not {self.scheduler}; unset one of them"
             )
-        if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"upscale.dtype={self.dtype!r} is unknown; use float32, bfloat16 or float16")
         if self.size_rule == "xpsr" and self.upsample != "pillow":
             raise ValueError("upscale.size_rule=xpsr resizes the upsample as XPSR's test.py does, with Pillow: "
                              "set upscale.upsample=pillow (or size_rule=pad)")
